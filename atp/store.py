@@ -1,0 +1,507 @@
+"""The async core: positions and reservations, changed only through the Lua scripts.
+
+``ATP`` validates input (raising :class:`~atp.errors.InvalidRequest` before anything is
+sent), routes each call to its keys (``atp.keys``), runs one script and turns the reply
+into typed results (``atp.models``). It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from .errors import InvalidRequest, UnknownReservation
+from .keys import KeySpace
+from .models import (
+    Availability,
+    ExpireResult,
+    FulfilLine,
+    Line,
+    Movement,
+    Position,
+    Reservation,
+    ReservationLine,
+    Status,
+    check_channel,
+    check_ident,
+    check_int,
+    check_reservation_id,
+    check_text,
+    ms_to_dt,
+)
+from .scripts import ScriptRunner, decode
+from .settings import Settings
+
+__all__ = ["ATP"]
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class ATP:
+    """The ATP core over one Redis connection pool.
+
+    :param client: a ``redis.asyncio.Redis`` (``decode_responses`` may be on or off).
+    :param settings: limits, key prefix and bucket count; defaults from the environment.
+    """
+
+    def __init__(self, client: Redis, settings: Settings | None = None) -> None:
+        self.redis = client
+        self.settings = settings or Settings()
+        s = self.settings
+        self.keys = KeySpace(s.key_prefix, s.buckets)
+        self.scripts = ScriptRunner()
+        self._cfg_base: dict[str, Any] = {
+            "max_qty": s.max_line_qty,
+            "max_lines": s.max_lines,
+            "max_hold": s.max_hold_seconds * 1000,
+            "max_on_hand": s.max_on_hand,
+            "reclaim": s.reclaim_batch,
+            "log_max": s.log_maxlen,
+            "ev_max": s.events_maxlen,
+        }
+        self._cfg = lru_cache(maxsize=1024)(self._make_cfg)
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings | None = None, **kwargs: Any) -> ATP:
+        """Connect to ``url`` (redis://, rediss:// or unix://)."""
+        return cls(Redis.from_url(url, **kwargs), settings)
+
+    async def start(self) -> None:
+        """Load the scripts into the server (they also load lazily on NOSCRIPT)."""
+        await self.scripts.load(self.redis)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> ATP:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _make_cfg(self, actor: str, source: str) -> str:
+        return _dumps({**self._cfg_base, "actor": actor, "source": source})
+
+    async def _run(self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
+        return decode(await self.scripts.call(self.redis, name, keys, (cfg, _dumps(req))))
+
+    # -- positions -------------------------------------------------------------------------
+
+    async def set_position(
+        self,
+        sku: str,
+        location: str,
+        on_hand: int,
+        safety_stock: int | None = None,
+        *,
+        reason: str = "set",
+        actor: str = "",
+        source: str = "",
+    ) -> Position:
+        """Set on_hand (and optionally safety stock) absolutely; creates the position.
+
+        :param on_hand: the new physical count, 0..``max_on_hand``.
+        :param safety_stock: units never promised; ``None`` keeps the current figure.
+        :param reason: why (written to the movement log with ``actor`` and ``source``).
+        """
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        m = self.settings.max_on_hand
+        check_int(on_hand, "on_hand", 0, m)
+        if safety_stock is not None:
+            check_int(safety_stock, "safety_stock", 0, m)
+        check_text(reason, "reason")
+        k = self.keys.position(sku, location)
+        req: dict[str, Any] = {"sku": sku, "loc": location, "on_hand": on_hand, "reason": reason}
+        if safety_stock is not None:
+            req["safety_stock"] = safety_stock
+        out = await self._run(
+            "set_position", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+        )
+        return _position(sku, location, out["position"])
+
+    async def adjust(
+        self,
+        sku: str,
+        location: str,
+        delta: int,
+        *,
+        reason: str,
+        reference: str = "",
+        actor: str = "",
+        source: str = "",
+    ) -> Position:
+        """Change on_hand of an existing position by ``delta`` (non-zero) with a reason
+        (damaged, found, correction…). On_hand never drops below zero."""
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        m = self.settings.max_on_hand
+        check_int(delta, "delta", -m, m)
+        if delta == 0:
+            raise InvalidRequest("delta must not be zero", field="delta")
+        check_text(reason, "reason")
+        check_text(reference, "reference", required=False)
+        k = self.keys.position(sku, location)
+        req = {"sku": sku, "loc": location, "delta": delta, "reason": reason, "ref": reference}
+        out = await self._run("adjust", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req)
+        return _position(sku, location, out["position"])
+
+    async def receive(
+        self, sku: str, location: str, qty: int, *, reference: str, actor: str = "", source: str = ""
+    ) -> Position:
+        """Inbound units arrive: on_hand goes up by ``qty`` against ``reference`` (PO, ASN)."""
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        check_int(qty, "qty", 1, self.settings.max_on_hand)
+        check_text(reference, "reference")
+        k = self.keys.position(sku, location)
+        req = {"sku": sku, "loc": location, "qty": qty, "ref": reference}
+        out = await self._run("receive", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req)
+        return _position(sku, location, out["position"])
+
+    async def position(self, sku: str, location: str) -> Position | None:
+        """The position, or ``None`` when it does not exist."""
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        flat = await self.redis.hgetall(self.keys.position(sku, location).pos)
+        if not flat:
+            return None
+        return _position(sku, location, _hash_to_pos(flat))
+
+    async def availability(
+        self, items: Iterable[tuple[str, str]], channel: str
+    ) -> list[Availability]:
+        """ATP for ``channel`` at many positions in one round trip (for listing pages).
+        A position that does not exist has ATP 0 and ``exists=False``."""
+        check_channel(channel)
+        pairs = list(items)
+        pipe = self.redis.pipeline(transaction=False)
+        for sku, loc in pairs:
+            check_ident(sku, "sku")
+            check_ident(loc, "location")
+            pipe.hmget(self.keys.position(sku, loc).pos, "on_hand", "committed", "safety_stock")
+        rows = await pipe.execute() if pairs else []
+        out = []
+        for (sku, loc), (oh, cm, ss) in zip(pairs, rows, strict=True):
+            if oh is None:
+                out.append(Availability(sku, loc, channel, 0, exists=False))
+            else:
+                atp = int(oh) - int(cm or 0) - int(ss or 0)
+                out.append(Availability(sku, loc, channel, max(0, atp)))
+        return out
+
+    async def movements(
+        self, sku: str, location: str, *, count: int = 100, before: str | None = None
+    ) -> list[Movement]:
+        """The position's movement log, newest first.
+
+        :param count: at most this many entries (1..1000).
+        :param before: a movement id; only entries older than it (for paging).
+        """
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        check_int(count, "count", 1, 1000)
+        top = "+" if before is None else f"({_check_stream_id(before)}"
+        rows = await self.redis.xrevrange(self.keys.position(sku, location).log, top, "-", count=count)
+        return [_movement(mid, fields) for mid, fields in rows]
+
+    # -- reservations ----------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        reservation_id: str,
+        channel: str,
+        lines: Sequence[Line | tuple[str, str, int]],
+        *,
+        hold_seconds: int | None = None,
+        actor: str = "",
+        source: str = "",
+    ) -> Reservation:
+        """Reserve every line for ``channel``, all or nothing (I1, I4), idempotently (I3).
+
+        :param reservation_id: caller-chosen id; a retry with the same request returns the
+            original outcome (``replayed=True``); a different request raises
+            :class:`~atp.errors.IdempotencyConflict`.
+        :param lines: (sku, location, qty) per line; one line per position.
+        :param hold_seconds: a hold that expires by itself (``held``); 0 confirms at once;
+            ``None`` takes ``settings.default_hold_seconds``.
+        :raises InsufficientStock: with ``lines`` saying requested and available.
+        """
+        s = self.settings
+        check_reservation_id(reservation_id)
+        check_channel(channel)
+        hold = s.default_hold_seconds if hold_seconds is None else hold_seconds
+        check_int(hold, "hold_seconds", 0, s.max_hold_seconds)
+        if not lines:
+            raise InvalidRequest("a reservation needs at least one line", field="lines")
+        if len(lines) > s.max_lines:
+            raise InvalidRequest(f"at most {s.max_lines} lines", field="lines")
+        parts: dict[int, list[dict[str, Any]]] = {}
+        seen: set[tuple[str, str]] = set()
+        for raw in lines:
+            sku, loc, qty = (raw.sku, raw.location, raw.qty) if isinstance(raw, Line) else raw
+            check_ident(sku, "sku")
+            check_ident(loc, "location")
+            check_int(qty, "qty", 1, s.max_line_qty)
+            if (sku, loc) in seen:
+                raise InvalidRequest(f"two lines for {sku} at {loc}; use one line", field="lines")
+            seen.add((sku, loc))
+            parts.setdefault(self.keys.bucket(sku), []).append({"sku": sku, "loc": loc, "qty": qty})
+        fp = _fingerprint([channel, hold, sorted((ln["sku"], ln["loc"], ln["qty"]) for p in parts.values() for ln in p)])
+        keys = [self.keys.index(reservation_id)]
+        req_parts = []
+        for b, plines in parts.items():
+            bk = self.keys.bucket_keys(b)
+            keys += (bk.res, bk.holds, bk.events)
+            for ln in plines:
+                pk = self.keys.position(ln["sku"], ln["loc"])
+                keys += (pk.pos, pk.hx, pk.log)
+            req_parts.append({"b": b, "n": len(plines), "lines": plines})
+        req = {
+            "id": reservation_id,
+            "ch": channel,
+            "hold": hold * 1000,
+            "fp": fp,
+            "idx": True,
+            "home": self.keys.bucket(reservation_id),
+            "parts": req_parts,
+        }
+        out = await self._run("reserve", keys, self._cfg(actor, source), req)
+        return _reservation(out)
+
+    async def confirm(self, reservation_id: str, *, actor: str = "", source: str = "") -> Reservation:
+        """Held → confirmed (the expiry is dropped). Confirming again is a no-op."""
+        keys, parts = await self._reservation_keys(reservation_id)
+        req = {"id": reservation_id, "idx": True, "parts": parts}
+        return _reservation(await self._run("confirm", keys, self._cfg(actor, source), req))
+
+    async def release(
+        self, reservation_id: str, *, reason: str = "released", actor: str = "", source: str = ""
+    ) -> Reservation:
+        """Held or confirmed → released; open units return. Releasing again, or releasing
+        an expired hold, is a no-op that returns the current state."""
+        check_text(reason, "reason")
+        keys, parts = await self._reservation_keys(reservation_id)
+        req = {"id": reservation_id, "idx": True, "parts": parts, "reason": reason}
+        return _reservation(await self._run("release", keys, self._cfg(actor, source), req))
+
+    async def fulfil(
+        self,
+        reservation_id: str,
+        lines: Sequence[FulfilLine],
+        *,
+        fulfilment_id: str | None = None,
+        actor: str = "",
+        source: str = "",
+    ) -> Reservation:
+        """Ship units of a confirmed reservation, per line: ``shipped`` units leave on_hand
+        and committed; ``short`` units (bin found empty) leave on_hand and raise a short-pick
+        exception; ``release_remainder`` releases what is left open on the line.
+
+        :param fulfilment_id: makes the call idempotent; omitted, it is derived from the
+            lines, so an identical retry is a no-op. Give distinct ids to ship the same
+            quantities twice in two partial fulfilments.
+        """
+        s = self.settings
+        if not lines:
+            raise InvalidRequest("a fulfilment needs at least one line", field="lines")
+        flines = []
+        seen: set[tuple[str, str]] = set()
+        for ln in lines:
+            check_ident(ln.sku, "sku")
+            check_ident(ln.location, "location")
+            check_int(ln.shipped, "shipped", 0, s.max_line_qty)
+            check_int(ln.short, "short", 0, s.max_line_qty)
+            if ln.shipped + ln.short == 0 and not ln.release_remainder:
+                raise InvalidRequest(
+                    f"line {ln.sku} at {ln.location} ships nothing, reports no short pick and "
+                    "releases nothing",
+                    field="lines",
+                )
+            if (ln.sku, ln.location) in seen:
+                raise InvalidRequest(f"two lines for {ln.sku} at {ln.location}", field="lines")
+            seen.add((ln.sku, ln.location))
+            flines.append(
+                {"sku": ln.sku, "loc": ln.location, "shipped": ln.shipped, "short": ln.short,
+                 "rr": bool(ln.release_remainder)}
+            )
+        ffp = _fingerprint(sorted((f["sku"], f["loc"], f["shipped"], f["short"], f["rr"]) for f in flines))
+        fid = ffp if fulfilment_id is None else check_reservation_id(fulfilment_id)
+        keys, parts = await self._reservation_keys(reservation_id)
+        req = {"id": reservation_id, "idx": True, "parts": parts, "fid": fid, "ffp": ffp, "lines": flines}
+        return _reservation(await self._run("fulfil", keys, self._cfg(actor, source), req))
+
+    async def reservation(self, reservation_id: str) -> Reservation:
+        """The reservation as it stands now.
+
+        :raises UnknownReservation: no reservation has that id.
+        """
+        index = await self._index(reservation_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in index["parts"]:
+            pipe.hget(self.keys.bucket_keys(p["b"]).res, reservation_id)
+        raws = await pipe.execute()
+        if any(r is None for r in raws):
+            raise UnknownReservation(f"no reservation with id {reservation_id}")
+        now = await self._now_ms()
+        return _reservation({"parts": [json.loads(r) for r in raws], "replay": 1}, now_ms=now)
+
+    async def expire_holds(self, limit: int | None = None) -> ExpireResult:
+        """Reclaim expired holds in every bucket, at most ``limit`` per bucket per call (the
+        worker calls this in a loop). Returns the reservation ids expired and units returned."""
+        limit = self.settings.expire_batch if limit is None else check_int(limit, "limit", 1, 10_000)
+        now = await self._now_ms()
+        holds = self.keys.all_holds()
+        pipe = self.redis.pipeline(transaction=False)
+        for key in holds:
+            pipe.zrangebyscore(key, "-inf", now, start=0, num=limit)
+        due = await pipe.execute()
+        expired: list[str] = []
+        units = 0
+        for b, ids in enumerate(due):
+            if not ids:
+                continue
+            ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+            bk = self.keys.bucket_keys(b)
+            raws = await self.redis.hmget(bk.res, ids)
+            keys = [bk.res, bk.holds, bk.events]
+            cands = []
+            for rid, raw in zip(ids, raws, strict=True):
+                if raw is None:
+                    cands.append({"id": rid, "n": 0})
+                    continue
+                rec = json.loads(raw)
+                for ln in rec["lines"]:
+                    pk = self.keys.position(ln["sku"], ln["loc"])
+                    keys += (pk.pos, pk.hx, pk.log)
+                cands.append({"id": rid, "n": len(rec["lines"])})
+            # a part that vanished cannot be reclaimed; drop its stale queue entry directly
+            stale = [c["id"] for c in cands if c["n"] == 0]
+            cands = [c for c in cands if c["n"] > 0]
+            if stale:
+                await self.redis.zrem(bk.holds, *stale)
+            if not cands:
+                continue
+            out = await self._run("expire_holds", keys, self._cfg("worker", "expire_holds"), {"ids": cands})
+            expired += out["expired"] if isinstance(out["expired"], list) else []
+            units += int(out["units"])
+        return ExpireResult(tuple(expired), units)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _events(self, sku: str) -> str:
+        return self.keys.events(self.keys.bucket(sku))
+
+    async def _now_ms(self) -> int:
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def _index(self, reservation_id: str) -> dict[str, Any]:
+        check_reservation_id(reservation_id)
+        raw = await self.redis.hget(self.keys.index(reservation_id), reservation_id)
+        if raw is None:
+            raise UnknownReservation(f"no reservation with id {reservation_id}")
+        return cast(dict[str, Any], json.loads(raw))
+
+    async def _reservation_keys(self, reservation_id: str) -> tuple[list[str], list[dict[str, int]]]:
+        index = await self._index(reservation_id)
+        keys = [self.keys.index(reservation_id)]
+        parts = []
+        for p in index["parts"]:
+            bk = self.keys.bucket_keys(p["b"])
+            keys += (bk.res, bk.holds, bk.events)
+            for sku, loc in p["lines"]:
+                pk = self.keys.position(sku, loc)
+                keys += (pk.pos, pk.hx, pk.log)
+            parts.append({"b": p["b"], "n": len(p["lines"])})
+        return keys, parts
+
+
+def _fingerprint(obj: object) -> str:
+    return hashlib.sha1(_dumps(obj).encode()).hexdigest()
+
+
+def _check_stream_id(value: str) -> str:
+    a, sep, b = value.partition("-")
+    if not (a.isdigit() and (not sep or b.isdigit())):
+        raise InvalidRequest(f"not a movement id: {value!r:.40}", field="before")
+    return value
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
+    p: dict[str, Any] = {"on_hand": 0, "committed": 0, "safety_stock": 0, "ch": {}}
+    for f, v in flat.items():
+        name = _s(f)
+        if name.startswith("ch:"):
+            p["ch"][name[3:]] = int(v)
+        else:
+            p[name] = int(v)
+    return p
+
+
+def _position(sku: str, location: str, p: dict[str, Any]) -> Position:
+    ch = p.get("ch") or {}
+    return Position(
+        sku=sku,
+        location=location,
+        on_hand=int(p.get("on_hand", 0)),
+        committed=int(p.get("committed", 0)),
+        safety_stock=int(p.get("safety_stock", 0)),
+        committed_by_channel={k: int(v) for k, v in ch.items()} if isinstance(ch, dict) else {},
+    )
+
+
+def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
+    f = {_s(k): _s(v) for k, v in fields.items()}
+    return Movement(
+        id=_s(mid),
+        at=ms_to_dt(int(f.get("at", "0"))),
+        kind=f.get("kind", ""),
+        reason=f.get("reason", ""),
+        actor=f.get("actor", ""),
+        source=f.get("source", ""),
+        ref=f.get("ref", ""),
+        reservation_id=f.get("rid", ""),
+        channel=f.get("channel", ""),
+        on_hand_before=int(f.get("on_hand_before", "0")),
+        on_hand_after=int(f.get("on_hand_after", "0")),
+        committed_before=int(f.get("committed_before", "0")),
+        committed_after=int(f.get("committed_after", "0")),
+    )
+
+
+def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
+    """Merge a reservation's parts (one per bucket) into one Reservation."""
+    parts = out["parts"]
+    first = parts[0]
+    status: str = first["st"]
+    for p in parts:
+        if p["st"] == "expired":
+            status = "expired"
+    if status == "held" and now_ms is not None and 0 < first["ex"] <= now_ms:
+        status = "expired"
+    lines = tuple(
+        ReservationLine(ln["sku"], ln["loc"], ln["qty"], ln["shipped"], ln["short"], ln["released"])
+        for p in parts
+        for ln in p["lines"]
+    )
+    return Reservation(
+        id=first["id"],
+        channel=first["ch"],
+        status=cast(Status, status),
+        lines=lines,
+        created_at=ms_to_dt(first["cr"]),
+        expires_at=ms_to_dt(first["ex"]) if first["ex"] else None,
+        updated_at=ms_to_dt(max(p["up"] for p in parts)),
+        replayed=bool(out.get("replay")),
+    )

@@ -1,0 +1,63 @@
+--[[ expire_holds: reclaim the units of expired holds in one bucket, a bounded batch.
+
+The worker finds candidates with ZRANGEBYSCORE on the bucket's holds zset and reads their
+parts to learn which positions they touch; this script re-checks each one, so a hold that
+was confirmed or released in between is left alone.
+
+KEYS:
+  [1] res    bucket hash of reservation parts
+  [2] holds  bucket zset of held parts
+  [3] events bucket outbox stream
+  then, per candidate, per line of its part: pos | hx | log
+ARGV:
+  [1] cfg  JSON {log_max, ev_max, actor, source}
+  [2] req  JSON {ids:[{id, n}]}     n = the line count the worker saw on the part
+Returns JSON:
+  {"ok":1,"expired":[id…],"units":N}
+  {"err":"bad_request"}
+]]
+--- @include "_lib"
+
+local cfg = cjson.decode(ARGV[1])
+local req = cjson.decode(ARGV[2])
+if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a list') end
+local want = 3
+for _, c in ipairs(req.ids) do
+  if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
+  want = want + 3 * c.n
+end
+if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the candidates') end
+local res_key, holds_key, ev_key = KEYS[1], KEYS[2], KEYS[3]
+
+local now = now_ms()
+local expired, units = {}, 0
+local k = 4
+for _, c in ipairs(req.ids) do
+  local raw = redis.call('HGET', res_key, c.id)
+  local rec = raw and cjson.decode(raw)
+  if rec and #rec.lines == c.n and
+     (rec.st == 'expired' or (rec.st == 'held' and rec.ex > 0 and rec.ex <= now)) then
+    for li, l in ipairs(rec.lines) do
+      local pos, hx, log = KEYS[k + 3 * (li - 1)], KEYS[k + 3 * (li - 1) + 1], KEYS[k + 3 * (li - 1) + 2]
+      local open = line_open(l)
+      if open > 0 then
+        uncommit(cfg, pos, log, rec, open, 'expire', 'hold expired', now)
+        l.released = l.released + open
+        units = units + open
+      end
+      redis.call('ZREM', hx, c.id)
+    end
+    if rec.st ~= 'expired' then
+      rec.st = 'expired'
+      emit(cfg, ev_key, 'expired', rec.id, rec.ch, now, { expires_at = rec.ex })
+    end
+    rec.up = now
+    redis.call('HSET', res_key, c.id, cjson.encode(rec))
+    redis.call('ZREM', holds_key, c.id)
+    expired[#expired + 1] = c.id
+  elseif not rec or (rec.st ~= 'held' and rec.st ~= 'expired') then
+    redis.call('ZREM', holds_key, c.id)
+  end
+  k = k + 3 * c.n
+end
+return cjson.encode({ ok = 1, expired = expired, units = units })

@@ -1,0 +1,59 @@
+--[[ release: a held or confirmed reservation gives its open units back.
+
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per line pos/hx/log
+ARGV:
+  [1] cfg  JSON {log_max, ev_max, actor, source}
+  [2] req  JSON {id, idx (bool), reason, parts:[{b, n}]}
+Returns JSON:
+  {"ok":1,"replay":0|1,"parts":[part…]}   released now; or already released or expired
+                                          (then any units an expired hold still had are
+                                          reclaimed, as they would be anyway)
+  {"err":"unknown_reservation"} | {"err":"fulfilled"} | {"err":"bad_request"}
+]]
+--- @include "_lib"
+
+local cfg = cjson.decode(ARGV[1])
+local req = cjson.decode(ARGV[2])
+if not is_text(req.id, 128) then return refuse('bad_request', 'reservation id must be 1-128 characters') end
+if not opt_text(req.reason, 200) then return refuse('bad_request', 'reason must be at most 200 characters') end
+local shape_err = validate_parts_shape(req, 10000)
+if shape_err then return refuse('bad_request', shape_err) end
+local idx, pk = part_keys(req.idx, req.parts)
+if idx == nil then return pk end
+local recs, e = load_parts(req.id, pk, req.parts)
+if not recs then return e end
+
+local now = now_ms()
+local st = logical_status(recs, now)
+if st == 'released' then return cjson.encode({ ok = 1, replay = 1, parts = recs }) end
+if st == 'fulfilled' then return refuse('fulfilled', 'reservation ' .. req.id .. ' was fulfilled') end
+if st ~= 'held' and st ~= 'confirmed' and st ~= 'expired' then
+  return refuse('bad_request', 'unexpected state ' .. tostring(st))
+end
+
+local kind, reason, final = 'release', req.reason or 'released', 'released'
+if st == 'expired' then kind, reason, final = 'expire', 'hold expired', 'expired' end
+for pi, rec in ipairs(recs) do
+  local k = pk[pi]
+  local changed = false
+  for li, l in ipairs(rec.lines) do
+    local open = line_open(l)
+    if open > 0 then
+      uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, kind, reason, now)
+      l.released = l.released + open
+      changed = true
+    end
+    redis.call('ZREM', k.lines[li].hx, req.id)
+  end
+  redis.call('ZREM', k.holds, req.id)
+  if rec.st ~= final or changed then
+    local was = rec.st
+    rec.st = final
+    rec.up = now
+    redis.call('HSET', k.res, req.id, cjson.encode(rec))
+    if was ~= final then emit(cfg, k.events, final, req.id, rec.ch, now, { reason = reason }) end
+  end
+end
+local replay = 0
+if st == 'expired' then replay = 1 end
+return cjson.encode({ ok = 1, replay = replay, parts = recs })
