@@ -1,0 +1,150 @@
+"""Checking the whole book against the invariants, on a live server.
+
+:func:`verify` reads every position, reservation part, index entry and movement log of a
+deployment (SCAN, so it never blocks the server) and checks:
+
+* **I1** ``committed <= on_hand - safety_stock`` on every position (``allow_uncovered``
+  lists positions a short pick or a count left uncovered on purpose: they are reported,
+  not failed);
+* **I2** ``committed`` equals the open units of the live reservation lines on the
+  position, per channel too; terminal reservations hold no open units;
+* **I5** each position's movement log chains (every entry starts where the one before
+  ended) and ends at the position's current figures;
+* every index entry points at parts that exist, and every part at its index entry.
+
+It is what the tests, ``atp verify`` and the load tests use to prove the book balances.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .store import ATP
+
+__all__ = ["VerifyReport", "verify"]
+
+
+@dataclass
+class VerifyReport:
+    positions: int = 0
+    reservations: int = 0
+    movements: int = 0
+    problems: list[str] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else f"FAILED ({len(self.problems)} problems)"
+        return (
+            f"{verdict}: {self.positions} positions, {self.reservations} reservation parts, "
+            f"{self.movements} movements checked; {len(self.uncovered)} uncovered positions"
+        )
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def verify(
+    atp: ATP, *, check_log: bool = True, allow_uncovered: bool = False, max_problems: int = 200
+) -> VerifyReport:
+    """Check I1, I2 and I5 over the whole deployment; see the module docstring."""
+    r = atp.redis
+    ks = atp.keys
+    rep = VerifyReport()
+
+    def problem(msg: str) -> None:
+        if len(rep.problems) < max_problems:
+            rep.problems.append(msg)
+
+    open_pos: dict[tuple[str, str], int] = defaultdict(int)
+    open_ch: dict[tuple[str, str, str], int] = defaultdict(int)
+    parts_seen: dict[str, set[int]] = defaultdict(set)
+    for b in range(ks.buckets):
+        bk = ks.bucket_keys(b)
+        async for rid_raw, raw in r.hscan_iter(bk.res, count=500):
+            rid = _s(rid_raw)
+            rec = json.loads(raw)
+            rep.reservations += 1
+            parts_seen[rid].add(b)
+            for ln in rec["lines"]:
+                if ks.bucket(ln["sku"]) != b:
+                    problem(f"{rid}: line {ln['sku']} filed in bucket {b}")
+                o = ln["qty"] - ln["shipped"] - ln["released"]
+                if o < 0 or ln["shipped"] < 0 or ln["released"] < 0:
+                    problem(f"{rid}: line {ln['sku']}@{ln['loc']} has negative figures {ln}")
+                if rec["st"] in ("released", "fulfilled") and o != 0:
+                    problem(f"{rid}: {rec['st']} but {o} units still open on {ln['sku']}")
+                open_pos[(ln["sku"], ln["loc"])] += o
+                open_ch[(ln["sku"], ln["loc"], rec["ch"])] += o
+
+    index: dict[str, set[int]] = {}
+    for b in range(ks.buckets):
+        async for rid_raw, raw in r.hscan_iter(f"{ks.tag(b)}:rix", count=500):
+            rid = _s(rid_raw)
+            index[rid] = {p["b"] for p in json.loads(raw)["parts"]}
+            if ks.bucket(rid) != b:
+                problem(f"index entry {rid} is in bucket {b}, not its home")
+    for rid, buckets in index.items():
+        if parts_seen.get(rid, set()) != buckets:
+            problem(f"{rid}: index names parts {sorted(buckets)}, found {sorted(parts_seen.get(rid, set()))}")
+    for rid in parts_seen.keys() - index.keys():
+        problem(f"{rid}: parts without an index entry")
+
+    seen_pos: set[tuple[str, str]] = set()
+    async for key_raw in r.scan_iter(match=f"{ks.keys_pattern()[:-1]}pos:*", count=1000):
+        key = _s(key_raw)
+        sku, _, loc = key.split(":pos:", 1)[1].partition("|")
+        seen_pos.add((sku, loc))
+        rep.positions += 1
+        flat = {_s(k): int(v) for k, v in (await r.hgetall(key)).items()}
+        oh, cm, ss = flat.get("on_hand", 0), flat.get("committed", 0), flat.get("safety_stock", 0)
+        if oh < 0 or cm < 0:
+            problem(f"{sku}@{loc}: on_hand {oh}, committed {cm}")
+        if cm != open_pos.get((sku, loc), 0):
+            problem(f"{sku}@{loc}: committed {cm} but live reservations hold {open_pos.get((sku, loc), 0)} (I2)")
+        for f, v in flat.items():
+            if f.startswith("ch:") and v != open_ch.get((sku, loc, f[3:]), 0):
+                problem(f"{sku}@{loc}: channel {f[3:]} committed {v} but its reservations hold "
+                        f"{open_ch.get((sku, loc, f[3:]), 0)} (I2)")
+        if cm > oh - ss:
+            rep.uncovered.append(f"{sku}@{loc}")
+            if not allow_uncovered:
+                problem(f"{sku}@{loc}: committed {cm} > on_hand {oh} - safety_stock {ss} (I1)")
+        if check_log:
+            await _check_log(atp, sku, loc, oh, cm, rep, problem)
+    for (sku, loc), o in open_pos.items():
+        if o and (sku, loc) not in seen_pos:
+            problem(f"{sku}@{loc}: reservations hold {o} units of a position that does not exist")
+    return rep
+
+
+async def _check_log(atp: ATP, sku: str, loc: str, oh: int, cm: int, rep: VerifyReport, problem: Any) -> None:
+    key = atp.keys.position(sku, loc).log
+    prev: tuple[int, int] | None = None
+    last = "-"
+    first = True
+    while True:
+        rows = await atp.redis.xrange(key, last if first else f"({last}", "+", count=1000)
+        first = False
+        if not rows:
+            break
+        for mid, fields in rows:
+            f = {_s(k): _s(v) for k, v in fields.items()}
+            rep.movements += 1
+            before = (int(f["on_hand_before"]), int(f["committed_before"]))
+            after = (int(f["on_hand_after"]), int(f["committed_after"]))
+            if prev is not None and before != prev:
+                problem(f"{sku}@{loc}: movement {_s(mid)} starts at {before}, previous ended at {prev} (I5)")
+            prev = after
+            last = _s(mid)
+    if prev is not None and prev != (oh, cm):
+        problem(f"{sku}@{loc}: log ends at {prev}, position is {(oh, cm)} (I5)")
+    if prev is None and (oh or cm):
+        problem(f"{sku}@{loc}: position {(oh, cm)} has no movement log (I5)")
