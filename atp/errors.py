@@ -18,6 +18,7 @@
     │       ├── AlreadyFulfilled
     │       └── NotConfirmed
     ├── IdempotencyConflict           the same id was used for a different request (I3)
+    ├── WrongChannel                  the reservation belongs to a channel the caller may not touch
     └── BackendError                  Redis or a script misbehaved: a bug or an outage
 
 Every error has a stable ``code`` (the problem type the HTTP layer maps) and a ``detail``.
@@ -45,6 +46,7 @@ __all__ = [
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",
+    "WrongChannel",
 ]
 
 
@@ -126,6 +128,10 @@ class NotConfirmed(InvalidTransition):
 
 class IdempotencyConflict(ATPError):
     code = "idempotency_conflict"
+
+
+class WrongChannel(ATPError):
+    code = "wrong_channel"
 
 
 class BackendError(ATPError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -35,3 +35,26 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".atp-data"), description="embedded server data")
     appendfsync: Literal["always", "everysec", "no"] = "always"
+
+    env: Literal["development", "production"] = "development"
+    admin_key: SecretStr | None = Field(default=None, description="bootstrap admin bearer key")
+    key_refresh_seconds: float = Field(default=1.0, gt=0, le=60)
+    reaper_interval: float = Field(
+        default=1.0, ge=0, description="seconds between hold reaps in `atp serve`; 0 = off"
+    )
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _no_weak_secrets(self) -> Settings:
+        key = self.admin_key.get_secret_value() if self.admin_key else None
+        if key is not None and self.env == "production":
+            weak = len(key) < 24 or len(set(key)) < 8 or key.lower() in _WEAK
+            if weak:
+                raise ValueError(
+                    "ATP_ADMIN_KEY is too weak for production: use at least 24 random "
+                    "characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return self
+
+
+_WEAK = {"changeme", "admin", "password", "secret", "demo", "test"}

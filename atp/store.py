@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from .errors import InvalidRequest, UnknownReservation
+from .errors import InvalidRequest, UnknownReservation, WrongChannel
 from .keys import KeySpace
 from .models import (
     Availability,
@@ -74,6 +75,13 @@ class ATP:
     async def start(self) -> None:
         """Load the scripts into the server (they also load lazily on NOSCRIPT)."""
         await self.scripts.load(self.redis)
+
+    async def ready(self) -> bool:
+        """Redis answers and every script is loaded (loading any that are missing)."""
+        await self.redis.ping()
+        if not await self.scripts.loaded(self.redis):
+            await self.scripts.load(self.redis)
+        return True
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -209,7 +217,7 @@ class ATP:
         check_int(count, "count", 1, 1000)
         top = "+" if before is None else f"({_check_stream_id(before)}"
         rows = await self.redis.xrevrange(self.keys.position(sku, location).log, top, "-", count=count)
-        return [_movement(mid, fields) for mid, fields in rows]
+        return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -273,21 +281,40 @@ class ATP:
             "parts": req_parts,
         }
         out = await self._run("reserve", keys, self._cfg(actor, source), req)
+        if out["replay"]:
+            return _original(_reservation(out), hold)
         return _reservation(out)
 
-    async def confirm(self, reservation_id: str, *, actor: str = "", source: str = "") -> Reservation:
-        """Held → confirmed (the expiry is dropped). Confirming again is a no-op."""
-        keys, parts = await self._reservation_keys(reservation_id)
+    async def confirm(
+        self,
+        reservation_id: str,
+        *,
+        channels: Collection[str] | None = None,
+        actor: str = "",
+        source: str = "",
+    ) -> Reservation:
+        """Held → confirmed (the expiry is dropped). Confirming again is a no-op.
+
+        :param channels: when given, the reservation must belong to one of them, else
+            :class:`~atp.errors.WrongChannel` (the same holds for release, fulfil, reservation).
+        """
+        keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts}
         return _reservation(await self._run("confirm", keys, self._cfg(actor, source), req))
 
     async def release(
-        self, reservation_id: str, *, reason: str = "released", actor: str = "", source: str = ""
+        self,
+        reservation_id: str,
+        *,
+        reason: str = "released",
+        channels: Collection[str] | None = None,
+        actor: str = "",
+        source: str = "",
     ) -> Reservation:
         """Held or confirmed → released; open units return. Releasing again, or releasing
         an expired hold, is a no-op that returns the current state."""
         check_text(reason, "reason")
-        keys, parts = await self._reservation_keys(reservation_id)
+        keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts, "reason": reason}
         return _reservation(await self._run("release", keys, self._cfg(actor, source), req))
 
@@ -297,6 +324,7 @@ class ATP:
         lines: Sequence[FulfilLine],
         *,
         fulfilment_id: str | None = None,
+        channels: Collection[str] | None = None,
         actor: str = "",
         source: str = "",
     ) -> Reservation:
@@ -333,16 +361,18 @@ class ATP:
             )
         ffp = _fingerprint(sorted((f["sku"], f["loc"], f["shipped"], f["short"], f["rr"]) for f in flines))
         fid = ffp if fulfilment_id is None else check_reservation_id(fulfilment_id)
-        keys, parts = await self._reservation_keys(reservation_id)
+        keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts, "fid": fid, "ffp": ffp, "lines": flines}
         return _reservation(await self._run("fulfil", keys, self._cfg(actor, source), req))
 
-    async def reservation(self, reservation_id: str) -> Reservation:
+    async def reservation(
+        self, reservation_id: str, *, channels: Collection[str] | None = None
+    ) -> Reservation:
         """The reservation as it stands now.
 
         :raises UnknownReservation: no reservation has that id.
         """
-        index = await self._index(reservation_id)
+        index = await self._index(reservation_id, channels)
         pipe = self.redis.pipeline(transaction=False)
         for p in index["parts"]:
             pipe.hget(self.keys.bucket_keys(p["b"]).res, reservation_id)
@@ -402,15 +432,22 @@ class ATP:
         sec, usec = await self.redis.time()
         return int(sec) * 1000 + int(usec) // 1000
 
-    async def _index(self, reservation_id: str) -> dict[str, Any]:
+    async def _index(
+        self, reservation_id: str, channels: Collection[str] | None = None
+    ) -> dict[str, Any]:
         check_reservation_id(reservation_id)
         raw = await self.redis.hget(self.keys.index(reservation_id), reservation_id)
         if raw is None:
             raise UnknownReservation(f"no reservation with id {reservation_id}")
-        return cast(dict[str, Any], json.loads(raw))
+        index = cast(dict[str, Any], json.loads(raw))
+        if channels is not None and index["ch"] not in channels:
+            raise WrongChannel(f"reservation {reservation_id} belongs to another channel")
+        return index
 
-    async def _reservation_keys(self, reservation_id: str) -> tuple[list[str], list[dict[str, int]]]:
-        index = await self._index(reservation_id)
+    async def _reservation_keys(
+        self, reservation_id: str, channels: Collection[str] | None = None
+    ) -> tuple[list[str], list[dict[str, int]]]:
+        index = await self._index(reservation_id, channels)
         keys = [self.keys.index(reservation_id)]
         parts = []
         for p in index["parts"]:
@@ -477,6 +514,21 @@ def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
         on_hand_after=int(f.get("on_hand_after", "0")),
         committed_before=int(f.get("committed_before", "0")),
         committed_after=int(f.get("committed_after", "0")),
+    )
+
+
+def _original(current: Reservation, hold_seconds: int) -> Reservation:
+    """The outcome a reserve call first returned, rebuilt for its replay (I3): the request
+    is the same (the fingerprint matched), so its lines, status and expiry are known."""
+    return Reservation(
+        id=current.id,
+        channel=current.channel,
+        status="held" if hold_seconds else "confirmed",
+        lines=tuple(ReservationLine(ln.sku, ln.location, ln.qty) for ln in current.lines),
+        created_at=current.created_at,
+        expires_at=current.created_at + timedelta(seconds=hold_seconds) if hold_seconds else None,
+        updated_at=current.created_at,
+        replayed=True,
     )
 
 

@@ -136,7 +136,7 @@ async def _check_log(atp: ATP, sku: str, loc: str, oh: int, cm: int, rep: Verify
         if not rows:
             break
         for mid, fields in rows:
-            f = {_s(k): _s(v) for k, v in fields.items()}
+            f = {_s(k): _s(v) for k, v in (fields or {}).items()}
             rep.movements += 1
             before = (int(f["on_hand_before"]), int(f["committed_before"]))
             after = (int(f["on_hand_after"]), int(f["committed_after"]))

@@ -1,0 +1,84 @@
+"""Every error leaves as an RFC 9457 ``application/problem+json`` body, mapped here, once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from atp import errors
+
+PROBLEM_BASE = "https://atp-core.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+# core error -> (HTTP status, title)
+_STATUS: list[tuple[type[errors.ATPError], int, str]] = [
+    (errors.InvalidRequest, 422, "Invalid request"),
+    (errors.UnknownReservation, 404, "Unknown reservation"),
+    (errors.UnknownPosition, 404, "Unknown position"),
+    (errors.NotFound, 404, "Not found"),
+    (errors.InsufficientStock, 409, "Insufficient stock"),
+    (errors.IdempotencyConflict, 409, "Idempotency conflict"),
+    (errors.HoldExpired, 409, "Hold expired"),
+    (errors.AlreadyReleased, 409, "Reservation released"),
+    (errors.AlreadyFulfilled, 409, "Reservation fulfilled"),
+    (errors.NotConfirmed, 409, "Reservation not confirmed"),
+    (errors.InvalidTransition, 409, "Invalid transition"),
+    (errors.OverFulfil, 409, "More than the line has open"),
+    (errors.NegativeOnHand, 409, "On hand would go negative"),
+    (errors.UnknownLine, 422, "Unknown reservation line"),
+    (errors.Refused, 409, "Refused"),
+    (errors.WrongChannel, 403, "Wrong channel"),
+    (errors.BackendError, 503, "Backend unavailable"),
+]
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def core_problem(exc: errors.ATPError) -> JSONResponse:
+    for cls, status, title in _STATUS:
+        if isinstance(exc, cls):
+            break
+    else:  # pragma: no cover - every core error is listed
+        status, title = 500, "Internal error"
+    extra = dict(exc.extra)
+    if isinstance(exc, errors.InvalidRequest) and exc.field:
+        extra["errors"] = [{"field": exc.field, "message": exc.detail}]
+    return problem(status, exc.code, title, exc.detail, **extra)
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status, self.code, self.detail = status, code, detail
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.ATPError)
+    async def _core(_: Request, exc: errors.ATPError) -> JSONResponse:
+        return core_problem(exc)
+
+    @app.exception_handler(AuthError)
+    async def _auth(_: Request, exc: AuthError) -> JSONResponse:
+        title = "Unauthorized" if exc.status == 401 else "Forbidden"
+        return problem(exc.status, exc.code, title, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = []
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+            errs.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type", "")})
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errs[:5])
+        return problem(422, "validation_error", "Invalid request", detail, errors=errs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+        return problem(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), str(exc.detail))

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from .. import metrics
+from ..deps import Core
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis unreachable or scripts not loaded"}})
+async def readyz(core: Core) -> JSONResponse:
+    """Readiness: Redis answers and every script is loaded."""
+    try:
+        await core.ready()
+    except Exception as e:  # noqa: BLE001 - any failure means not ready
+        return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def prometheus() -> Response:
+    """Prometheus metrics."""
+    body, ctype = metrics.render()
+    return Response(body, media_type=ctype)

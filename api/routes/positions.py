@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from atp.apikeys import Principal
+from atp.errors import UnknownPosition
+
+from .. import convert
+from ..deps import Admin, Core, Reader, require_any
+from ..schemas import (
+    AdjustBody,
+    Ident,
+    MovementsPage,
+    PositionOut,
+    PositionSet,
+    ReceiveBody,
+    problem_responses,
+)
+
+router = APIRouter(prefix="/v1/positions", tags=["positions"])
+SkuPath = Annotated[Ident, Path()]
+LocPath = Annotated[Ident, Path()]
+ERRORS = problem_responses(401, 403, 404, 409, 422)
+
+
+@router.put("/{sku}/{location}", response_model=PositionOut, responses=ERRORS)
+async def set_position(
+    sku: SkuPath, location: LocPath, body: PositionSet, core: Core, who: Admin
+) -> JSONResponse:
+    """Set on hand (and safety stock) of a position absolutely."""
+    p = await core.set_position(
+        sku, location, body.on_hand, body.safety_stock, reason=body.reason, actor=who.key_id, source="api"
+    )
+    return JSONResponse(convert.position(p))
+
+
+@router.post("/{sku}/{location}/adjust", response_model=PositionOut, responses=ERRORS)
+async def adjust(sku: SkuPath, location: LocPath, body: AdjustBody, core: Core, who: Admin) -> JSONResponse:
+    """Change on hand by a signed delta, with a reason."""
+    p = await core.adjust(
+        sku, location, body.delta, reason=body.reason, reference=body.reference, actor=who.key_id, source="api"
+    )
+    return JSONResponse(convert.position(p))
+
+
+@router.post("/{sku}/{location}/receive", response_model=PositionOut, responses=ERRORS)
+async def receive(
+    sku: SkuPath,
+    location: LocPath,
+    body: ReceiveBody,
+    core: Core,
+    who: Annotated[Principal, Depends(require_any("fulfil"))],
+) -> JSONResponse:
+    """Receive inbound units against a reference (PO, ASN)."""
+    p = await core.receive(sku, location, body.qty, reference=body.reference, actor=who.key_id, source="api")
+    return JSONResponse(convert.position(p))
+
+
+@router.get("/{sku}/{location}", response_model=PositionOut, responses=ERRORS)
+async def get_position(sku: SkuPath, location: LocPath, core: Core, who: Reader) -> JSONResponse:
+    """Read a position."""
+    p = await core.position(sku, location)
+    if p is None:
+        raise UnknownPosition(f"no position for {sku} at {location}")
+    return JSONResponse(convert.position(p))
+
+
+@router.get("/{sku}/{location}/movements", response_model=MovementsPage, responses=ERRORS)
+async def movements(
+    sku: SkuPath,
+    location: LocPath,
+    core: Core,
+    who: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?$")] = None,
+) -> JSONResponse:
+    """The position's audit trail, newest first; page with ``before=<next_before>``."""
+    items = await core.movements(sku, location, count=limit, before=before)
+    nxt = items[-1].id if len(items) == limit else None
+    return JSONResponse({"items": [convert.movement(m) for m in items], "next_before": nxt})
