@@ -71,8 +71,9 @@ def check_int(value: object, what: str, lo: int, hi: int) -> int:
 def check_text(value: object, what: str, maxlen: int = 200, required: bool = True) -> str:
     if value is None and not required:
         return ""
-    if not isinstance(value, str) or len(value) > maxlen or (required and not value.strip()):
-        raise InvalidRequest(f"{what} must be text of 1-{maxlen} characters", field=what)
+    # the scripts count bytes, so the limit is in UTF-8 bytes here too
+    if not isinstance(value, str) or len(value.encode()) > maxlen or (required and not value.strip()):
+        raise InvalidRequest(f"{what} must be text of 1-{maxlen} bytes", field=what)
     return value
 
 
@@ -112,7 +113,8 @@ class ReservationLine:
 
     @property
     def open(self) -> int:
-        """Units of the line still committed."""
+        """Units of the line still committed: not shipped, not released (units reported
+        short stay open until shipped or released)."""
         return self.qty - self.shipped - self.released
 
 

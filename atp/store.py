@@ -65,7 +65,7 @@ class ATP:
             "log_max": s.log_maxlen,
             "ev_max": s.events_maxlen,
         }
-        self._cfg = lru_cache(maxsize=1024)(self._make_cfg)
+        self._cfg_cached = lru_cache(maxsize=1024)(self._make_cfg)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None, **kwargs: Any) -> ATP:
@@ -93,7 +93,19 @@ class ATP:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def _cfg(self, actor: str, source: str) -> str:
+        """The scripts' settings argument, with who is acting (written to the logs)."""
+        try:
+            return self._cfg_cached(actor, source)
+        except TypeError:
+            pass  # unhashable: refused below
+        check_text(actor, "actor", 128, required=False)
+        check_text(source, "source", 128, required=False)
+        return self._cfg_cached(actor, source)
+
     def _make_cfg(self, actor: str, source: str) -> str:
+        check_text(actor, "actor", 128, required=False)
+        check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
 
     async def _run(self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +265,12 @@ class ATP:
         parts: dict[int, list[dict[str, Any]]] = {}
         seen: set[tuple[str, str]] = set()
         for raw in lines:
-            sku, loc, qty = (raw.sku, raw.location, raw.qty) if isinstance(raw, Line) else raw
+            try:
+                sku, loc, qty = (raw.sku, raw.location, raw.qty) if isinstance(raw, Line) else raw
+            except (TypeError, ValueError):
+                raise InvalidRequest(
+                    f"each line is (sku, location, qty), got {raw!r:.80}", field="lines"
+                ) from None
             check_ident(sku, "sku")
             check_ident(loc, "location")
             check_int(qty, "qty", 1, s.max_line_qty)
@@ -342,6 +359,8 @@ class ATP:
         flines = []
         seen: set[tuple[str, str]] = set()
         for ln in lines:
+            if not isinstance(ln, FulfilLine):
+                raise InvalidRequest(f"each line is a FulfilLine, got {ln!r:.80}", field="lines")
             check_ident(ln.sku, "sku")
             check_ident(ln.location, "location")
             check_int(ln.shipped, "shipped", 0, s.max_line_qty)
@@ -360,7 +379,7 @@ class ATP:
                  "rr": bool(ln.release_remainder)}
             )
         ffp = _fingerprint(sorted((f["sku"], f["loc"], f["shipped"], f["short"], f["rr"]) for f in flines))
-        fid = ffp if fulfilment_id is None else check_reservation_id(fulfilment_id)
+        fid = ffp if fulfilment_id is None else _check_fulfilment_id(fulfilment_id)
         keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts, "fid": fid, "ffp": ffp, "lines": flines}
         return _reservation(await self._run("fulfil", keys, self._cfg(actor, source), req))
@@ -380,7 +399,7 @@ class ATP:
         if any(r is None for r in raws):
             raise UnknownReservation(f"no reservation with id {reservation_id}")
         now = await self._now_ms()
-        return _reservation({"parts": [json.loads(r) for r in raws], "replay": 1}, now_ms=now)
+        return _reservation({"parts": [json.loads(r) for r in raws], "replay": 0}, now_ms=now)
 
     async def expire_holds(self, limit: int | None = None) -> ExpireResult:
         """Reclaim expired holds in every bucket, at most ``limit`` per bucket per call (the
@@ -464,11 +483,23 @@ def _fingerprint(obj: object) -> str:
     return hashlib.sha1(_dumps(obj).encode()).hexdigest()
 
 
+def _check_fulfilment_id(value: object) -> str:
+    try:
+        return check_reservation_id(value)
+    except InvalidRequest as e:  # same rule, but name the field the caller gave
+        raise InvalidRequest(e.detail.replace("reservation_id", "fulfilment_id", 1),
+                             field="fulfilment_id") from None
+
+
 def _check_stream_id(value: str) -> str:
-    a, sep, b = value.partition("-")
-    if not (a.isdigit() and (not sep or b.isdigit())):
+    """A movement id ``ms-seq``; a bare ``ms`` means ``ms-0``, so that ``before=ms`` means
+    strictly before that millisecond. ASCII digits only, each part below 2**64 (what Redis
+    accepts), so a bad id is an InvalidRequest, never a server error."""
+    a, sep, b = value.partition("-") if isinstance(value, str) else ("", "", "")
+    parts = (a, b) if sep else (a,)
+    if not all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts):
         raise InvalidRequest(f"not a movement id: {value!r:.40}", field="before")
-    return value
+    return value if sep else f"{value}-0"
 
 
 def _s(v: Any) -> str:

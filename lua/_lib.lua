@@ -72,7 +72,8 @@ local function emit(cfg, ev_key, etype, rid, channel, at, data)
     'actor', str(cfg.actor), 'data', cjson.encode(data))
 end
 
--- Units a reservation line still holds committed.
+-- Units a reservation line still holds committed: not shipped and not released. Units
+-- reported short stay open (the order still wants them) until shipped or released.
 local function line_open(l)
   return l.qty - l.shipped - l.released
 end

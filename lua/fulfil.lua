@@ -2,7 +2,10 @@
 
 Per fulfil line: `shipped` units leave on_hand and committed. `short` units (the picker
 found the bin empty) leave on_hand too: they were never there. The line's remainder (not
-yet shipped) stays committed, or is released when the line says `rr` (release remainder).
+yet shipped, the short units included: the order still wants them) stays committed, or is
+released when the line says `rr` (release remainder). A later fulfilment that reports short
+units again is a new observation that the system still overstates the bin; on_hand never
+drops below zero.
 A short pick raises a `short_pick` exception event, and an `oversell` exception when the
 position no longer covers its commitments (I1). When no line has units open any more the
 reservation is fulfilled. Each call is idempotent by its fulfilment id `fid`.
@@ -115,17 +118,19 @@ for _, h in ipairs(plan) do
     check_cover(cfg, k.pos, ev, f.sku, f.loc, 'short_pick', req.id, now)
   end
 end
-local open_total, shipped_total = 0, 0
+-- done when no line has units open: fulfilled if anything was picked (shipped or found
+-- short), released if every line was only released
+local open_total, picked = 0, 0
 for _, rec in ipairs(recs) do
   for _, l in ipairs(rec.lines) do
     open_total = open_total + line_open(l)
-    shipped_total = shipped_total + l.shipped
+    picked = picked + l.shipped + l.short
   end
 end
 local final = 'confirmed'
 if open_total == 0 then
   final = 'released'
-  if shipped_total > 0 then final = 'fulfilled' end
+  if picked > 0 then final = 'fulfilled' end
 end
 for pi, rec in ipairs(recs) do
   local k = pk[pi]

@@ -3,8 +3,12 @@
 KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per line pos/hx/log
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
-  [2] req  JSON {id, idx (bool), reason, parts:[{b, n}]}
+  [2] req  JSON {id, idx (bool), reason, parts:[{b, n}], rollback (bool)}
+     rollback: undo a reservation part taken moments ago by a multi-slot reserve on a
+     cluster whose other part was refused (I4): its units return and the part is deleted,
+     as if never taken (the movements stay in the log). Missing parts are skipped.
 Returns JSON:
+  {"ok":1,"rolled_back":N}                 with rollback
   {"ok":1,"replay":0|1,"parts":[part…]}   released now; or already released or expired
                                           (then any units an expired hold still had are
                                           reclaimed, as they would be anyway)
@@ -20,6 +24,38 @@ local shape_err = validate_parts_shape(req, 10000)
 if shape_err then return refuse('bad_request', shape_err) end
 local idx, pk = part_keys(req.idx, req.parts)
 if idx == nil then return pk end
+
+if req.rollback then
+  local recs, n = {}, 0
+  for pi, k in ipairs(pk) do
+    local raw = redis.call('HGET', k.res, req.id)
+    if raw then
+      local rec = cjson.decode(raw)
+      if #rec.lines ~= req.parts[pi].n then return refuse('bad_request', 'line keys do not match reservation ' .. req.id) end
+      if (rec.st ~= 'held' and rec.st ~= 'confirmed') or next(rec.ful) ~= nil then
+        return refuse('bad_request', 'only an untouched reservation part can be rolled back')
+      end
+      recs[pi] = rec
+    end
+  end
+  local now = now_ms()
+  for pi, k in ipairs(pk) do
+    local rec = recs[pi]
+    if rec then
+      for li, l in ipairs(rec.lines) do
+        local open = line_open(l)
+        if open > 0 then uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, 'rollback', 'reservation rolled back', now) end
+        redis.call('ZREM', k.lines[li].hx, req.id)
+      end
+      redis.call('ZREM', k.holds, req.id)
+      redis.call('HDEL', k.res, req.id)
+      emit(cfg, k.events, 'rolled_back', req.id, rec.ch, now, { reason = 'another part of the reservation was refused' })
+      n = n + 1
+    end
+  end
+  return cjson.encode({ ok = 1, rolled_back = n })
+end
+
 local recs, e = load_parts(req.id, pk, req.parts)
 if not recs then return e end
 

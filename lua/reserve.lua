@@ -31,9 +31,12 @@ if not is_int(req.hold, 0, cfg.max_hold) then return refuse('bad_request', 'hold
 if not is_text(req.fp, 128) then return refuse('bad_request', 'missing request fingerprint') end
 local shape_err = validate_parts_shape(req, cfg.max_lines)
 if shape_err then return refuse('bad_request', shape_err) end
-local seen, nlines = {}, 0
+local seen, seen_b, nlines = {}, {}, 0
 for _, p in ipairs(req.parts) do
   if type(p.lines) ~= 'table' or #p.lines ~= p.n then return refuse('bad_request', 'part line count mismatch') end
+  -- one part per bucket: two parts in one bucket would overwrite each other's record (I2)
+  if not is_int(p.b, 0, 16383) or seen_b[p.b] then return refuse('bad_request', 'each part needs its own bucket number') end
+  seen_b[p.b] = true
   for _, l in ipairs(p.lines) do
     nlines = nlines + 1
     if not is_text(l.sku, 64) or not is_text(l.loc, 64) then return refuse('bad_request', 'each line needs a sku and a location') end
