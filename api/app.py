@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atp import ATP, Settings
@@ -22,8 +23,12 @@ from .routes import availability, health, keys, positions, reservations
 log = logging.getLogger("atp.api")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive``. An HTTPException, because FastAPI turns any other error met
+    while it reads a body into a 400; this one reaches the problem handlers as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request bodies are limited to {limit} bytes")
 
 
 class EdgeMiddleware:
@@ -61,7 +66,7 @@ class EdgeMiddleware:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:
-                        raise _BodyTooLarge
+                        raise _BodyTooLarge(self.max_body)
                 return message
 
             try:

@@ -73,6 +73,12 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = []
         for e in exc.errors():
+            if e.get("type") == "json_invalid":
+                # its loc is ("body", <character offset>): name the body, not a field "17"
+                where, why = e.get("loc", ("body", "?"))[-1], e.get("ctx", {}).get("error", "")
+                msg = f"malformed JSON at character {where}: {why}".rstrip(": ")
+                errs.append({"field": "body", "message": msg, "type": "json_invalid"})
+                continue
             loc = [str(p) for p in e.get("loc", ()) if p != "body"]
             errs.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type", "")})
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errs[:5])
@@ -81,4 +87,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
-        return problem(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), str(exc.detail))
+        title = "Body too large" if exc.status_code == 413 else str(exc.detail)
+        code = codes.get(exc.status_code, "http_error")
+        resp = problem(exc.status_code, code, title, str(exc.detail))
+        resp.headers.update(exc.headers or {})  # a 405 must say what is Allowed (RFC 9110)
+        return resp

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from atp.models import CHANNEL_RE, IDENT_RE, RESERVATION_ID_RE
 
 Ident = Annotated[str, Field(pattern=f"^{IDENT_RE.pattern}$", max_length=64, examples=["SKU-1"])]
 Channel = Annotated[str, Field(pattern=f"^{CHANNEL_RE.pattern}$", max_length=32, examples=["web"])]
 ReservationId = Annotated[str, Field(pattern=f"^{RESERVATION_ID_RE.pattern}$", max_length=128)]
-Qty = Annotated[int, Field(ge=1, le=1_000_000_000)]
-Units = Annotated[int, Field(ge=0, le=10**13)]
+
+
+def _whole(value: object) -> object:
+    # JSON has one number type, and the JSON Schema this app publishes counts 2.0 as an
+    # integer; 1.5, "2" and true stay refused by strict validation
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = BeforeValidator(_whole)  # after the bounds, so the JSON Schema keeps them
+Qty = Annotated[int, Field(ge=1, le=1_000_000_000), Whole]
+Units = Annotated[int, Field(ge=0, le=10**13), Whole]
 Reason = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
+SCOPE_PATTERN = r"^(admin|read|fulfil|reserve:[a-z0-9][a-z0-9_\-]{0,31})$"
 
 
 class Strict(BaseModel):
@@ -27,13 +37,15 @@ class PositionSet(Strict):
 
 
 class AdjustBody(Strict):
-    delta: Annotated[int, Field(ge=-(10**13), le=10**13)]
+    delta: Annotated[
+        int, Field(ge=-(10**13), le=10**13, json_schema_extra={"not": {"const": 0}}), Whole
+    ]
     reason: Reason
     reference: Annotated[str, Field(max_length=200)] = ""
 
 
 class ReceiveBody(Strict):
-    qty: Annotated[int, Field(ge=1, le=10**13)]
+    qty: Annotated[int, Field(ge=1, le=10**13), Whole]
     reference: Reason
 
 
@@ -90,7 +102,7 @@ class ReserveBody(Strict):
     reservation_id: ReservationId
     channel: Channel
     lines: Annotated[list[LineIn], Field(min_length=1, max_length=1000)]
-    hold_seconds: Annotated[int, Field(ge=0, le=30 * 86400)] | None = None
+    hold_seconds: Annotated[int, Field(ge=0, le=30 * 86400), Whole] | None = None
 
 
 class ReservationLineOut(BaseModel):
@@ -118,10 +130,20 @@ class ReleaseBody(Strict):
 
 
 class FulfilLineIn(Strict):
+    # the core refuses a line that ships nothing, reports no short pick and releases nothing
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["shipped"], "properties": {"shipped": {"minimum": 1}}},
+                {"required": ["short"], "properties": {"short": {"minimum": 1}}},
+                {"required": ["release_remainder"], "properties": {"release_remainder": {"const": True}}},
+            ]
+        }
+    )
     sku: Ident
     location: Ident
-    shipped: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
-    short: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
+    shipped: Annotated[int, Field(ge=0, le=1_000_000_000), Whole] = 0
+    short: Annotated[int, Field(ge=0, le=1_000_000_000), Whole] = 0
     release_remainder: bool = False
 
 
@@ -132,7 +154,11 @@ class FulfilBody(Strict):
 
 class KeyCreate(Strict):
     name: Annotated[str, Field(min_length=1, max_length=100)]
-    scopes: Annotated[list[Annotated[str, Field(max_length=41)]], Field(min_length=1, max_length=50)]
+    # the pattern is documentation: atp.apikeys checks scopes and says what is wrong
+    scopes: Annotated[
+        list[Annotated[str, Field(max_length=41, json_schema_extra={"pattern": SCOPE_PATTERN})]],
+        Field(min_length=1, max_length=50),
+    ]
 
 
 class KeyOut(BaseModel):

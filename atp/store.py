@@ -66,6 +66,9 @@ class ATP:
             "ev_max": s.events_maxlen,
         }
         self._cfg_cached = lru_cache(maxsize=1024)(self._make_cfg)
+        # key names for the reserve path, built by self.keys once and then reused
+        self._bucket_keys = lru_cache(maxsize=None)(self._make_bucket_keys)  # <= buckets entries
+        self._position_keys = lru_cache(maxsize=16384)(self._make_position_keys)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None, **kwargs: Any) -> ATP:
@@ -107,6 +110,14 @@ class ATP:
         check_text(actor, "actor", 128, required=False)
         check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
+
+    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str]:
+        bk = self.keys.bucket_keys(bucket)
+        return (bk.res, bk.holds, bk.events)
+
+    def _make_position_keys(self, sku: str, location: str) -> tuple[str, str, str]:
+        pk = self.keys.position(sku, location)
+        return (pk.pos, pk.hx, pk.log)
 
     async def _run(self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
         return decode(await self.scripts.call(self.redis, name, keys, (cfg, _dumps(req))))
@@ -228,6 +239,8 @@ class ATP:
         check_ident(location, "location")
         check_int(count, "count", 1, 1000)
         top = "+" if before is None else f"({_check_stream_id(before)}"
+        if top != "+" and not any(int(p) for p in top[1:].split("-")):
+            return []  # nothing is older than 0-0, and Redis refuses the range "(0-0"
         rows = await self.redis.xrevrange(self.keys.position(sku, location).log, top, "-", count=count)
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
@@ -262,7 +275,7 @@ class ATP:
             raise InvalidRequest("a reservation needs at least one line", field="lines")
         if len(lines) > s.max_lines:
             raise InvalidRequest(f"at most {s.max_lines} lines", field="lines")
-        parts: dict[int, list[dict[str, Any]]] = {}
+        parts: dict[int, list[tuple[str, str, int]]] = {}
         seen: set[tuple[str, str]] = set()
         for raw in lines:
             try:
@@ -277,27 +290,22 @@ class ATP:
             if (sku, loc) in seen:
                 raise InvalidRequest(f"two lines for {sku} at {loc}; use one line", field="lines")
             seen.add((sku, loc))
-            parts.setdefault(self.keys.bucket(sku), []).append({"sku": sku, "loc": loc, "qty": qty})
-        fp = _fingerprint([channel, hold, sorted((ln["sku"], ln["loc"], ln["qty"]) for p in parts.values() for ln in p)])
+            parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
+        # The hot path: the JSON argument and the fingerprint are written directly, not
+        # through json. That is exact because every string in them has passed the checks
+        # above (ASCII letters, digits and . _ - / : only: nothing JSON escapes) and every
+        # number is a checked int; _reserve_req_json is byte-for-byte what _dumps gives for
+        # the same request (tests/test_reserve_wire.py).
+        fp = _fingerprint_text(
+            _reserve_fp_json(channel, hold, sorted(ln for plines in parts.values() for ln in plines))
+        )
         keys = [self.keys.index(reservation_id)]
-        req_parts = []
         for b, plines in parts.items():
-            bk = self.keys.bucket_keys(b)
-            keys += (bk.res, bk.holds, bk.events)
-            for ln in plines:
-                pk = self.keys.position(ln["sku"], ln["loc"])
-                keys += (pk.pos, pk.hx, pk.log)
-            req_parts.append({"b": b, "n": len(plines), "lines": plines})
-        req = {
-            "id": reservation_id,
-            "ch": channel,
-            "hold": hold * 1000,
-            "fp": fp,
-            "idx": True,
-            "home": self.keys.bucket(reservation_id),
-            "parts": req_parts,
-        }
-        out = await self._run("reserve", keys, self._cfg(actor, source), req)
+            keys += self._bucket_keys(b)
+            for sku, loc, _qty in plines:
+                keys += self._position_keys(sku, loc)
+        req = _reserve_req_json(reservation_id, channel, hold * 1000, fp, self.keys.bucket(reservation_id), parts)
+        out = decode(await self.scripts.call(self.redis, "reserve", keys, (self._cfg(actor, source), req)))
         if out["replay"]:
             return _original(_reservation(out), hold)
         return _reservation(out)
@@ -483,6 +491,40 @@ def _fingerprint(obj: object) -> str:
     return hashlib.sha1(_dumps(obj).encode()).hexdigest()
 
 
+def _fingerprint_text(text: str) -> str:
+    """``_fingerprint`` of an object whose ``_dumps`` is ``text``."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+# reserve's JSON, written directly. Only for checked values: strings that passed
+# check_ident / check_channel / check_reservation_id (nothing in them needs escaping) and
+# ints that passed check_int ("%d" formats an int subclass by value, as json does).
+
+
+def _reserve_fp_json(channel: str, hold: int, lines: list[tuple[str, str, int]]) -> str:
+    """``_dumps([channel, hold, lines])``: what a reserve request's fingerprint hashes."""
+    body = ",".join(['["%s","%s",%d]' % ln for ln in lines])
+    return '["%s",%d,[%s]]' % (channel, hold, body)
+
+
+def _reserve_req_json(
+    rid: str, channel: str, hold_ms: int, fp: str, home: int,
+    parts: dict[int, list[tuple[str, str, int]]],
+) -> str:  # fmt: skip
+    """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, parts: [{b, n,
+    lines: [{sku, loc, qty}]}]}, in that key order."""
+    ps = ",".join(
+        [
+            '{"b":%d,"n":%d,"lines":[%s]}'
+            % (b, len(plines), ",".join(['{"sku":"%s","loc":"%s","qty":%d}' % ln for ln in plines]))
+            for b, plines in parts.items()
+        ]
+    )
+    return '{"id":"%s","ch":"%s","hold":%d,"fp":"%s","idx":true,"home":%d,"parts":[%s]}' % (
+        rid, channel, hold_ms, fp, home, ps,
+    )  # fmt: skip
+
+
 def _check_fulfilment_id(value: object) -> str:
     try:
         return check_reservation_id(value)
@@ -574,17 +616,23 @@ def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
     if status == "held" and now_ms is not None and 0 < first["ex"] <= now_ms:
         status = "expired"
     lines = tuple(
-        ReservationLine(ln["sku"], ln["loc"], ln["qty"], ln["shipped"], ln["short"], ln["released"])
-        for p in parts
-        for ln in p["lines"]
+        [
+            ReservationLine(ln["sku"], ln["loc"], ln["qty"], ln["shipped"], ln["short"], ln["released"])
+            for p in parts
+            for ln in p["lines"]
+        ]
     )
+    cr = first["cr"]
+    up = max([p["up"] for p in parts])
+    created_at = ms_to_dt(cr)
     return Reservation(
         id=first["id"],
         channel=first["ch"],
         status=cast(Status, status),
         lines=lines,
-        created_at=ms_to_dt(first["cr"]),
+        created_at=created_at,
         expires_at=ms_to_dt(first["ex"]) if first["ex"] else None,
-        updated_at=ms_to_dt(max(p["up"] for p in parts)),
+        # a fresh reservation was last updated when it was made: one datetime, not two
+        updated_at=created_at if up == cr else ms_to_dt(up),
         replayed=bool(out.get("replay")),
     )

@@ -10,9 +10,10 @@ from ..schemas import KeyCreate, KeyCreated, KeyList, KeyOut, problem_responses
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 ERRORS = problem_responses(401, 403, 422)
+CREATE_ERRORS = problem_responses(400, 401, 403, 413, 422)
 
 
-@router.post("", status_code=201, response_model=KeyCreated, responses=ERRORS)
+@router.post("", status_code=201, response_model=KeyCreated, responses=CREATE_ERRORS)
 async def create_key(body: KeyCreate, keys: Keys, who: Admin) -> JSONResponse:
     """Create an API key; the secret is in the answer, once."""
     rec, secret = await keys.create(body.name, body.scopes)

@@ -24,9 +24,10 @@ router = APIRouter(prefix="/v1/positions", tags=["positions"])
 SkuPath = Annotated[Ident, Path()]
 LocPath = Annotated[Ident, Path()]
 ERRORS = problem_responses(401, 403, 404, 409, 422)
+BODY_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 422)
 
 
-@router.put("/{sku}/{location}", response_model=PositionOut, responses=ERRORS)
+@router.put("/{sku}/{location}", response_model=PositionOut, responses=BODY_ERRORS)
 async def set_position(
     sku: SkuPath, location: LocPath, body: PositionSet, core: Core, who: Admin
 ) -> JSONResponse:
@@ -37,7 +38,7 @@ async def set_position(
     return JSONResponse(convert.position(p))
 
 
-@router.post("/{sku}/{location}/adjust", response_model=PositionOut, responses=ERRORS)
+@router.post("/{sku}/{location}/adjust", response_model=PositionOut, responses=BODY_ERRORS)
 async def adjust(sku: SkuPath, location: LocPath, body: AdjustBody, core: Core, who: Admin) -> JSONResponse:
     """Change on hand by a signed delta, with a reason."""
     p = await core.adjust(
@@ -46,7 +47,7 @@ async def adjust(sku: SkuPath, location: LocPath, body: AdjustBody, core: Core, 
     return JSONResponse(convert.position(p))
 
 
-@router.post("/{sku}/{location}/receive", response_model=PositionOut, responses=ERRORS)
+@router.post("/{sku}/{location}/receive", response_model=PositionOut, responses=BODY_ERRORS)
 async def receive(
     sku: SkuPath,
     location: LocPath,

@@ -21,13 +21,14 @@ from ..schemas import (
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
 IdPath = Annotated[ReservationId, Path()]
 ERRORS = problem_responses(401, 403, 404, 409, 422)
+BODY_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 422)
 
 
 @router.post(
     "",
     status_code=201,
     response_model=ReservationOut,
-    responses=ERRORS,
+    responses=BODY_ERRORS,
 )
 async def reserve(body: ReserveBody, core: Core, who: Caller) -> JSONResponse:
     """Reserve units for a channel, all lines or none; idempotent by reservation_id."""
@@ -85,7 +86,7 @@ async def confirm(reservation_id: IdPath, core: Core, who: Caller) -> JSONRespon
     return JSONResponse(convert.reservation(r))
 
 
-@router.post("/{reservation_id}/release", response_model=ReservationOut, responses=ERRORS)
+@router.post("/{reservation_id}/release", response_model=ReservationOut, responses=BODY_ERRORS)
 async def release(
     reservation_id: IdPath,
     core: Core,
@@ -106,7 +107,7 @@ async def release(
     return JSONResponse(convert.reservation(r))
 
 
-@router.post("/{reservation_id}/fulfil", response_model=ReservationOut, responses=ERRORS)
+@router.post("/{reservation_id}/fulfil", response_model=ReservationOut, responses=BODY_ERRORS)
 async def fulfil(reservation_id: IdPath, body: FulfilBody, core: Core, who: Caller) -> JSONResponse:
     """Ship units of a confirmed reservation, with short picks (fulfil scope or admin)."""
     if not who.has("fulfil"):
