@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["EmbeddedServer", "find_server_binary", "free_port"]
 
@@ -79,6 +79,7 @@ class EmbeddedServer:
         self.appendfsync = appendfsync
         self.appendonly = appendonly
         self.cluster = cluster
+        self.cluster_port = free_port() if cluster else 0
         self.binary = binary or find_server_binary()
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,6 +114,8 @@ class EmbeddedServer:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(self.data_dir / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
+                # the bus port defaults to port + 10000, which can be out of range
+                "--cluster-port", str(self.cluster_port),
             ]  # fmt: skip
         return args + list(self.extra_args)
 
@@ -182,3 +185,84 @@ class EmbeddedServer:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class EmbeddedCluster:
+    """A Redis Cluster of ``masters`` embedded servers on loopback (no replicas), for tests
+    and local trials of cluster routing. Slots are split evenly; stop it like a server."""
+
+    def __init__(self, data_dir: str | Path, masters: int = 3, **server_kwargs: Any) -> None:
+        base = Path(data_dir)
+        self.servers = [
+            EmbeddedServer(base / f"node{i}", cluster=True, **server_kwargs) for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", s.port) for s in self.servers]
+
+    def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        try:
+            for s in self.servers:
+                s.start()
+            n = len(self.servers)
+            for i, s in enumerate(self.servers):
+                lo, hi = i * 16384 // n, (i + 1) * 16384 // n - 1
+                _command(s.port, "CLUSTER", "ADDSLOTSRANGE", str(lo), str(hi))
+            for s in self.servers[1:]:
+                first = self.servers[0]
+                _command(s.port, "CLUSTER", "MEET", "127.0.0.1", str(first.port), str(first.cluster_port))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                infos = [_command(s.port, "CLUSTER", "INFO") for s in self.servers]
+                if all(b"cluster_state:ok" in i and f"cluster_known_nodes:{n}".encode() in i for i in infos):
+                    return self
+                time.sleep(0.05)
+            raise RuntimeError("the cluster did not become ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _command(port: int, *args: str) -> bytes:
+    """One command over a raw socket (RESP), for setting a cluster up without a client."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        data = b""
+        s.settimeout(5)
+        while True:
+            chunk = s.recv(65536)
+            data += chunk
+            if not chunk or _complete(data):
+                break
+    if data.startswith(b"-"):
+        raise RuntimeError(f"{' '.join(args)}: {data.decode(errors='replace').strip()}")
+    return data
+
+
+def _complete(data: bytes) -> bool:
+    if data[:1] in (b"+", b"-", b":"):
+        return data.endswith(b"\r\n")
+    if data[:1] == b"$":
+        head, _, rest = data.partition(b"\r\n")
+        return len(rest) >= int(head[1:]) + 2
+    return data.endswith(b"\r\n")

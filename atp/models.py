@@ -22,8 +22,8 @@ __all__ = [
     "Status",
 ]
 
-# SKUs and locations: ASCII letters, digits and . _ - / ; no '{', '}' or '|' (see atp.keys).
-IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/\-]{0,63}")
+# SKUs and locations: ASCII letters, digits and . _ - (they are URL path segments); no '{', '}' or '|' (see atp.keys).
+IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}")
 RESERVATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
@@ -33,7 +33,7 @@ Status = Literal["held", "confirmed", "fulfilled", "released", "expired"]
 def check_ident(value: object, what: str) -> str:
     if not isinstance(value, str) or not IDENT_RE.fullmatch(value):
         raise InvalidRequest(
-            f"{what} must be 1-64 ASCII letters, digits or . _ - / (starting with a letter "
+            f"{what} must be 1-64 ASCII letters, digits or . _ - (starting with a letter "
             f"or digit), got {value!r:.80}",
             field=what,
         )

@@ -14,9 +14,18 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-from .errors import InvalidRequest, UnknownReservation, WrongChannel
+from .errors import (
+    ATPError,
+    HoldExpired,
+    IdempotencyConflict,
+    InvalidRequest,
+    OverFulfil,
+    UnknownLine,
+    UnknownReservation,
+    WrongChannel,
+)
 from .keys import KeySpace
 from .models import (
     Availability,
@@ -52,6 +61,8 @@ class ATP:
 
     def __init__(self, client: Redis, settings: Settings | None = None) -> None:
         self.redis = client
+        # on a cluster a reservation's parts are taken slot by slot (see _reserve_cluster)
+        self.cluster = isinstance(client, RedisCluster)
         self.settings = settings or Settings()
         s = self.settings
         self.keys = KeySpace(s.key_prefix, s.buckets)
@@ -293,12 +304,15 @@ class ATP:
             parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
         # The hot path: the JSON argument and the fingerprint are written directly, not
         # through json. That is exact because every string in them has passed the checks
-        # above (ASCII letters, digits and . _ - / : only: nothing JSON escapes) and every
-        # number is a checked int; _reserve_req_json is byte-for-byte what _dumps gives for
+        # above (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE: ASCII, no quote, backslash or
+        # control character, so nothing JSON escapes) and every number is a checked int; _reserve_req_json is byte-for-byte what _dumps gives for
         # the same request (tests/test_reserve_wire.py).
         fp = _fingerprint_text(
             _reserve_fp_json(channel, hold, sorted(ln for plines in parts.values() for ln in plines))
         )
+        if self.cluster:
+            cfg = self._cfg(actor, source)
+            return await self._reserve_cluster(reservation_id, channel, hold, fp, parts, cfg)
         keys = [self.keys.index(reservation_id)]
         for b, plines in parts.items():
             keys += self._bucket_keys(b)
@@ -325,7 +339,7 @@ class ATP:
         """
         keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts}
-        return _reservation(await self._run("confirm", keys, self._cfg(actor, source), req))
+        return _reservation(await self._apply("confirm", keys, self._cfg(actor, source), req))
 
     async def release(
         self,
@@ -341,7 +355,7 @@ class ATP:
         check_text(reason, "reason")
         keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts, "reason": reason}
-        return _reservation(await self._run("release", keys, self._cfg(actor, source), req))
+        return _reservation(await self._apply("release", keys, self._cfg(actor, source), req))
 
     async def fulfil(
         self,
@@ -390,7 +404,7 @@ class ATP:
         fid = ffp if fulfilment_id is None else _check_fulfilment_id(fulfilment_id)
         keys, parts = await self._reservation_keys(reservation_id, channels)
         req = {"id": reservation_id, "idx": True, "parts": parts, "fid": fid, "ffp": ffp, "lines": flines}
-        return _reservation(await self._run("fulfil", keys, self._cfg(actor, source), req))
+        return _reservation(await self._apply("fulfil", keys, self._cfg(actor, source), req))
 
     async def reservation(
         self, reservation_id: str, *, channels: Collection[str] | None = None
@@ -450,6 +464,144 @@ class ATP:
             units += int(out["units"])
         return ExpireResult(tuple(expired), units)
 
+    # -- cluster routing ---------------------------------------------------------------------
+    #
+    # On one server a reservation call is one script over every part (atomic, I4). On a
+    # cluster the parts live in different slots, so the same scripts run once per part and
+    # the index entry is written around them: a journal ("pending") before, "done" after.
+    # A refused part rolls back the parts already taken before the call returns.
+
+    async def _reserve_cluster(
+        self,
+        rid: str,
+        channel: str,
+        hold: int,
+        fp: str,
+        parts: dict[int, list[tuple[str, str, int]]],
+        cfg: str,
+    ) -> Reservation:
+        idx_key = self.keys.index(rid)
+        index = {
+            "fp": fp,
+            "ch": channel,
+            "parts": [{"b": b, "lines": [[sku, loc] for sku, loc, _ in pl]} for b, pl in parts.items()],
+            "state": "pending",
+        }
+        if not await self.redis.hsetnx(idx_key, rid, _dumps(index)):
+            raw = await self.redis.hget(idx_key, rid)
+            prior = json.loads(raw) if raw is not None else None
+            if prior is not None and prior["fp"] != fp:
+                raise IdempotencyConflict(f"reservation {rid} exists with a different request")
+            if prior is None:
+                await self.redis.hset(idx_key, rid, _dumps(index))
+            # "done": every part replays; "pending": an interrupted attempt, whose parts
+            # replay and whose missing parts are taken now
+        taken: list[tuple[int, int, list[str]]] = []
+        outs: list[dict[str, Any]] = []
+        for b, pl in parts.items():
+            keys = [*self._bucket_keys(b)]
+            for sku, loc, _qty in pl:
+                keys += self._position_keys(sku, loc)
+            req = {
+                "id": rid, "ch": channel, "hold": hold * 1000, "fp": fp, "idx": False,
+                "home": self.keys.bucket(rid),
+                "parts": [{"b": b, "n": len(pl), "lines": [{"sku": s, "loc": lo, "qty": q} for s, lo, q in pl]}],
+            }  # fmt: skip
+            try:
+                outs.append(await self._run("reserve", keys, cfg, req))
+            except ATPError:
+                await self._rollback(rid, taken, cfg)
+                await self.redis.hdel(idx_key, rid)
+                raise
+            taken.append((b, len(pl), keys))
+        index["state"] = "done"
+        index["cr"] = outs[0]["parts"][0]["cr"]
+        await self.redis.hset(idx_key, rid, _dumps(index))
+        merged = {"parts": [p for o in outs for p in o["parts"]], "replay": all(o["replay"] for o in outs)}
+        if merged["replay"]:
+            return _original(_reservation(merged), hold)
+        return _reservation(merged)
+
+    async def _rollback(self, rid: str, taken: list[tuple[int, int, list[str]]], cfg: str) -> None:
+        for b, n, keys in taken:
+            req = {"id": rid, "idx": False, "parts": [{"b": b, "n": n}], "rollback": True}
+            await self._run("release", keys, cfg, req)
+
+    async def _apply(self, name: str, keys: list[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Run a reservation script: once over every part on one server, part by part on a
+        cluster (fulfil lines go to the part that holds them)."""
+        if not self.cluster:
+            return await self._run(name, keys, cfg, req)
+        rid = req["id"]
+        calls: list[tuple[list[str], dict[str, Any]]] = []
+        k = 1  # keys[0] is the index key, not sent on a cluster
+        for p in req["parts"]:
+            pkeys = keys[k : k + 3 + 3 * p["n"]]
+            k += 3 + 3 * p["n"]
+            preq = {**req, "idx": False, "parts": [p]}
+            if name == "fulfil":
+                mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]
+                if not mine:
+                    continue
+                preq["lines"] = mine
+            calls.append((pkeys, preq))
+        if name in ("confirm", "release"):
+            # parts already past this step (a part fully fulfilled, a part confirmed by an
+            # interrupted call) are left alone, as one script would see the whole
+            current = await self._parts(rid)
+            whole = _merged_status(current)
+            if whole in ("held", "confirmed") or (name == "release" and whole == "expired"):
+                calls = [
+                    c for c, part in zip(calls, current, strict=True)
+                    if part["st"] in ("held", "confirmed", "expired")
+                    and not (name == "confirm" and part["st"] == "confirmed")
+                ] or calls[:1]  # fmt: skip
+        if name == "fulfil":
+            # check every line against its part before any part is changed; the scripts
+            # check again, atomically, per part
+            current = await self._parts(rid)
+            lines = {(ln["sku"], ln["loc"]): ln for p in current for ln in p["lines"]}
+            # a part closing its last line must know whether other parts picked anything
+            for _, preq in calls:
+                b = preq["parts"][0]["b"]
+                others = [p for p in current if self.keys.bucket(p["lines"][0]["sku"]) != b]
+                preq["picked"] = sum(ln["shipped"] + ln["short"] for p in others for ln in p["lines"])
+            for f in req["lines"]:
+                held = lines.get((f["sku"], f["loc"]))
+                if held is None:
+                    raise UnknownLine(f"reservation {rid} has no line for {f['sku']} at {f['loc']}")
+                open_ = held["qty"] - held["shipped"] - held["released"]
+                if f["shipped"] + f["short"] > open_:
+                    raise OverFulfil(
+                        f"{f['sku']} at {f['loc']}: shipped {f['shipped']} + short {f['short']} is "
+                        f"more than the {open_} units open on the line",
+                        sku=f["sku"], location=f["loc"], open=open_,
+                    )  # fmt: skip
+        replays = []
+        done: list[tuple[list[str], dict[str, Any]]] = []
+        for pkeys, preq in calls:
+            try:
+                out = await self._run(name, pkeys, cfg, preq)
+            except HoldExpired:
+                # a hold that lapsed between two parts: give back what the earlier parts took
+                for dkeys, dreq in done:
+                    rel = {"id": rid, "idx": False, "parts": dreq["parts"], "reason": "hold expired"}
+                    await self._run("release", dkeys, cfg, rel)
+                raise
+            replays.append(bool(out["replay"]))
+            done.append((pkeys, preq))
+        return {"parts": await self._parts(rid), "replay": all(replays)}
+
+    async def _parts(self, rid: str) -> list[dict[str, Any]]:
+        index = await self._index(rid)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in index["parts"]:
+            pipe.hget(self.keys.bucket_keys(p["b"]).res, rid)
+        raws = await pipe.execute()
+        if any(r is None for r in raws):
+            raise UnknownReservation(f"no reservation with id {rid}")
+        return [json.loads(r) for r in raws]
+
     # -- internals -------------------------------------------------------------------------
 
     def _events(self, sku: str) -> str:
@@ -467,6 +619,8 @@ class ATP:
         if raw is None:
             raise UnknownReservation(f"no reservation with id {reservation_id}")
         index = cast(dict[str, Any], json.loads(raw))
+        if index.get("state") == "pending":  # a cluster reserve still taking its parts
+            raise UnknownReservation(f"reservation {reservation_id} is not complete")
         if channels is not None and index["ch"] not in channels:
             raise WrongChannel(f"reservation {reservation_id} belongs to another channel")
         return index
@@ -605,14 +759,24 @@ def _original(current: Reservation, hold_seconds: int) -> Reservation:
     )
 
 
+_STATUS_ORDER = ("expired", "held", "confirmed", "released", "fulfilled")
+
+
+def _merged_status(parts: list[dict[str, Any]]) -> str:
+    """One status for parts that a cluster moved one by one: an expired part expires the
+    whole; a part still open (held, confirmed) keeps the whole open; once all are done, a
+    released part means the reservation was released (a part fully shipped before the
+    release stays fulfilled), else it was fulfilled. On one server every part has the same
+    status, so this only matters on a cluster."""
+    present = {p["st"] for p in parts}
+    return next(st for st in _STATUS_ORDER if st in present)
+
+
 def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
     """Merge a reservation's parts (one per bucket) into one Reservation."""
     parts = out["parts"]
     first = parts[0]
-    status: str = first["st"]
-    for p in parts:
-        if p["st"] == "expired":
-            status = "expired"
+    status = first["st"] if len(parts) == 1 else _merged_status(parts)
     if status == "held" and now_ms is not None and 0 < first["ex"] <= now_ms:
         status = "expired"
     lines = tuple(

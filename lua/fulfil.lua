@@ -14,7 +14,9 @@ KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per
 ARGV:
   [1] cfg  JSON {max_qty, log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), parts:[{b, n}], fid, ffp,
-                 lines:[{sku, loc, shipped, short, rr (bool)}]}
+                 lines:[{sku, loc, shipped, short, rr (bool)}],
+                 picked (optional: units shipped or short in the reservation's other parts,
+                 when a cluster calls this part by part)}
 Returns JSON:
   {"ok":1,"replay":0|1,"parts":[part…]}      applied, or this fulfilment id already applied
   {"err":"unknown_reservation"} | {"err":"not_confirmed"} | {"err":"released"}
@@ -121,6 +123,7 @@ end
 -- done when no line has units open: fulfilled if anything was picked (shipped or found
 -- short), released if every line was only released
 local open_total, picked = 0, 0
+if is_int(req.picked, 0, 1e13) then picked = req.picked end
 for _, rec in ipairs(recs) do
   for _, l in ipairs(rec.lines) do
     open_total = open_total + line_open(l)

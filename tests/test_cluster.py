@@ -1,0 +1,159 @@
+"""Cluster routing (I4 on a cluster): a real three-master cluster started by this test
+module. Lines in different slots are reserved part by part; a refused part rolls back the
+parts already taken before the call returns; the book balances afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from atp import (
+    ATP,
+    FulfilLine,
+    IdempotencyConflict,
+    InsufficientStock,
+    OverFulfil,
+    Settings,
+    UnknownLine,
+    UnknownReservation,
+)
+from atp.embedded import EmbeddedCluster
+from atp.verify import verify
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    c = EmbeddedCluster(tmp_path_factory.mktemp("cluster"), masters=3, appendfsync="everysec")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+async def core(cluster: EmbeddedCluster) -> AsyncIterator[ATP]:
+    rc = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes], max_connections=512
+    )
+    await rc.initialize()
+    await rc.flushall(target_nodes=RedisCluster.PRIMARIES)
+    c = ATP(rc, Settings(key_prefix="c:", buckets=64, data_dir=Path("/nonexistent")))
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+def skus_on_distinct_nodes(core: ATP, n: int) -> list[str]:
+    """SKUs whose buckets sit in slots owned by different masters (16384 / 3 per master)."""
+    found: dict[int, str] = {}
+    for i in range(10_000):
+        sku = f"S{i}"
+        slot = key_slot(core.keys.position(sku, "W").pos.encode())
+        node = slot * 3 // 16384
+        found.setdefault(node, sku)
+        if len(found) == n:
+            return list(found.values())
+    raise AssertionError("not enough distinct nodes")
+
+
+async def test_is_cluster(core: ATP) -> None:
+    assert core.cluster
+
+
+async def test_multi_slot_reservation_and_lifecycle(core: ATP) -> None:
+    a, b, c = skus_on_distinct_nodes(core, 3)
+    for sku in (a, b, c):
+        await core.set_position(sku, "W", 10, reason="init")
+    r = await core.reserve("o1", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 1)], hold_seconds=60)
+    assert r.status == "held" and {ln.sku for ln in r.lines} == {a, b, c}
+    again = await core.reserve("o1", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 1)], hold_seconds=60)
+    assert again.replayed and again.status == "held"
+    with pytest.raises(IdempotencyConflict):
+        await core.reserve("o1", "web", [(a, "W", 1)], hold_seconds=60)
+    assert (await core.confirm("o1")).status == "confirmed"
+    got = await core.reservation("o1")
+    assert got.status == "confirmed" and len(got.lines) == 3
+    r = await core.fulfil("o1", [FulfilLine(a, "W", shipped=2), FulfilLine(b, "W", shipped=1)])
+    assert r.status == "confirmed"
+    with pytest.raises(OverFulfil):
+        await core.fulfil("o1", [FulfilLine(c, "W", shipped=1), FulfilLine(b, "W", shipped=5)])
+    with pytest.raises(UnknownLine):
+        await core.fulfil("o1", [FulfilLine(c, "W", shipped=1), FulfilLine(b, "X", shipped=1)])
+    assert [(p.on_hand, p.committed) for p in [await core.position(s, "W") for s in (a, b, c)]] == [
+        (8, 0), (9, 2), (10, 1),
+    ]  # fmt: skip
+    r = await core.release("o1")
+    assert r.status == "released"
+    rep = await verify(core)
+    assert rep.ok, rep.problems
+    assert rep.positions == 3
+
+
+async def test_refused_part_rolls_back_the_others(core: ATP) -> None:
+    a, b, c = skus_on_distinct_nodes(core, 3)
+    await core.set_position(a, "W", 10, reason="init")
+    await core.set_position(b, "W", 10, reason="init")
+    await core.set_position(c, "W", 1, reason="init")  # the last part is short
+    with pytest.raises(InsufficientStock) as e:
+        await core.reserve("o2", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 5)])
+    assert e.value.lines == [{"sku": c, "location": "W", "requested": 5, "available": 1}]
+    for sku in (a, b, c):
+        p = await core.position(sku, "W")
+        assert p is not None and p.committed == 0
+    with pytest.raises(UnknownReservation):
+        await core.reservation("o2")
+    rep = await verify(core)
+    assert rep.ok, rep.problems
+    # the id was not burnt: once stock arrives the same request goes through
+    await core.receive(c, "W", 10, reference="PO-1")
+    r = await core.reserve("o2", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 5)])
+    assert r.status == "confirmed" and not r.replayed
+    assert (await verify(core)).ok
+
+
+async def test_expired_holds_reaped_on_cluster(core: ATP) -> None:
+    a, b = skus_on_distinct_nodes(core, 2)
+    await core.set_position(a, "W", 5, reason="init")
+    await core.set_position(b, "W", 5, reason="init")
+    await core.reserve("o3", "web", [(a, "W", 1), (b, "W", 1)], hold_seconds=1)
+    await asyncio.sleep(1.1)
+    res = await core.expire_holds()
+    assert set(res.expired) == {"o3"} and res.units == 2
+    assert (await core.reservation("o3")).status == "expired"
+    assert (await verify(core)).ok
+
+
+async def test_race_multi_slot_all_or_nothing(core: ATP) -> None:
+    """Many buyers reserve a scarce SKU together with a plentiful one in another slot: a
+    buyer ends up with both lines or with neither, and no unit is committed twice."""
+    scarce, plenty = skus_on_distinct_nodes(core, 2)
+    await core.set_position(scarce, "W", 30, reason="init")
+    await core.set_position(plenty, "W", 1000, reason="init")
+    won: list[str] = []
+    lost = 0
+
+    async def buyer(i: int) -> None:
+        nonlocal lost
+        try:
+            await core.reserve(f"b{i}", "web", [(plenty, "W", 2), (scarce, "W", 1)])
+            won.append(f"b{i}")
+        except InsufficientStock:
+            lost += 1
+
+    await asyncio.gather(*(buyer(i) for i in range(120)))
+    assert len(won) == 30 and lost == 90
+    ps = await core.position(scarce, "W")
+    pp = await core.position(plenty, "W")
+    assert ps is not None and pp is not None
+    assert ps.committed == 30 and pp.committed == 60
+    rep = await verify(core)
+    assert rep.ok, rep.problems
+    assert rep.reservations == 60  # two parts for each of the 30 winners, none for losers
