@@ -16,12 +16,12 @@ from .problems import AuthError
 _bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer atp_…")
 
 
-def get_core(request: Request) -> ATP:
+async def get_core(request: Request) -> ATP:
     core: ATP = request.app.state.core
     return core
 
 
-def get_keys(request: Request) -> KeyStore:
+async def get_keys(request: Request) -> KeyStore:
     keys: KeyStore = request.app.state.keys
     return keys
 

@@ -7,6 +7,7 @@ replaced by ``lua/_lib.lua`` (BullMQ's convention), so each script is one body w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .errors import SCRIPT_ERRORS, ATPError, BackendError
 
-__all__ = ["NAMES", "ScriptRunner", "decode", "load_source"]
+__all__ = ["NAMES", "AutoPipeline", "ScriptRunner", "decode", "load_source"]
 
 NAMES = (
     "reserve",
@@ -105,6 +106,17 @@ class ScriptRunner:
         """Several script calls in one pipeline (one round trip), with the NOSCRIPT
         fallback that redis-py's pipeline does not do: calls that failed with NOSCRIPT did
         not run, so after loading their scripts exactly those are sent again."""
+        results = await self.call_many_raw(client, calls)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    async def call_many_raw(
+        self, client: Redis, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """As :meth:`call_many`, but each call's error (a ``BackendError``) is returned in
+        its place instead of raised, so one bad call does not fail the others."""
         results = await self._pipeline(client, calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
@@ -113,10 +125,10 @@ class ScriptRunner:
             again = await self._pipeline(client, [calls[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
-        for r in results:
-            if isinstance(r, ResponseError):
-                raise BackendError(f"script call failed: {r}")
-        return results
+        return [
+            BackendError(f"script {calls[i][0]} failed: {r}") if isinstance(r, ResponseError) else r
+            for i, r in enumerate(results)
+        ]
 
     async def _pipeline(
         self, client: Redis, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
@@ -125,3 +137,67 @@ class ScriptRunner:
         for name, keys, args in calls:
             pipe.evalsha(self.shas[name], len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+class AutoPipeline:
+    """Script calls made in the same event-loop turn leave together, as one pipeline.
+
+    In one API process many requests are in flight at once, and the Python client, not
+    Redis, is the bottleneck (../shared/PERFORMANCE.md: one round trip costs the process
+    about as much CPU as a whole request; pipelines of 32 buy ~3x). Each call still runs as
+    its own atomic script, in order, and gets its own answer or error; nothing about the
+    scripts changes, only how many calls share a write and a read on the socket. A batch of
+    one is sent as a plain EVALSHA.
+
+    :param max_batch: the most calls in one pipeline; a full batch leaves at once.
+    """
+
+    def __init__(self, client: Redis, runner: ScriptRunner, max_batch: int = 128) -> None:
+        self.client = client
+        self.runner = runner
+        self.max_batch = max_batch
+        self._queue: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((name, keys, args, fut))
+        if len(self._queue) >= self.max_batch:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._queue = self._queue, []
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            self._sending.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                name, keys, args, _ = batch[0]
+                results: list[Any] = [await self.runner.call(self.client, name, keys, args)]
+            else:
+                results = await self.runner.call_many_raw(self.client, [(n, k, a) for n, k, a, _ in batch])
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
+            err = e if isinstance(e, Exception) else BackendError("the call was cancelled")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (*_, fut), r in zip(batch, results, strict=True):
+            if fut.done():  # the caller gave up waiting
+                continue
+            if isinstance(r, Exception):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     )
     max_hold_seconds: int = Field(default=7 * 86400, ge=1)
 
+    autopipeline: bool = Field(
+        default=True, description="send script calls of one event-loop turn as one pipeline"
+    )
+    autopipeline_max_batch: int = Field(default=16, ge=1, le=1024)
     reclaim_batch: int = Field(default=50, ge=1, le=10_000, description="per position, per call")
     expire_batch: int = Field(default=200, ge=1, le=10_000, description="per bucket, per call")
     log_maxlen: int = Field(default=100_000, ge=100, description="movements kept per position")

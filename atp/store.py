@@ -44,7 +44,7 @@ from .models import (
     check_text,
     ms_to_dt,
 )
-from .scripts import ScriptRunner, decode
+from .scripts import AutoPipeline, ScriptRunner, decode
 from .settings import Settings
 
 __all__ = ["ATP"]
@@ -67,6 +67,9 @@ class ATP:
         s = self.settings
         self.keys = KeySpace(s.key_prefix, s.buckets)
         self.scripts = ScriptRunner()
+        self._pipe = (
+            AutoPipeline(client, self.scripts, s.autopipeline_max_batch) if self.settings.autopipeline and not self.cluster else None
+        )
         self._cfg_base: dict[str, Any] = {
             "max_qty": s.max_line_qty,
             "max_lines": s.max_lines,
@@ -130,8 +133,13 @@ class ATP:
         pk = self.keys.position(sku, location)
         return (pk.pos, pk.hx, pk.log)
 
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._pipe is not None:
+            return await self._pipe.call(name, keys, args)
+        return await self.scripts.call(self.redis, name, keys, args)
+
     async def _run(self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
-        return decode(await self.scripts.call(self.redis, name, keys, (cfg, _dumps(req))))
+        return decode(await self._call(name, keys, (cfg, _dumps(req))))
 
     # -- positions -------------------------------------------------------------------------
 
@@ -305,11 +313,10 @@ class ATP:
         # The hot path: the JSON argument and the fingerprint are written directly, not
         # through json. That is exact because every string in them has passed the checks
         # above (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE: ASCII, no quote, backslash or
-        # control character, so nothing JSON escapes) and every number is a checked int; _reserve_req_json is byte-for-byte what _dumps gives for
-        # the same request (tests/test_reserve_wire.py).
-        fp = _fingerprint_text(
-            _reserve_fp_json(channel, hold, sorted(ln for plines in parts.values() for ln in plines))
-        )
+        # control character, so nothing JSON escapes) and every number is a checked int;
+        # the text is byte-for-byte what _dumps gives (tests/test_reserve_wire.py).
+        all_lines = sorted(ln for plines in parts.values() for ln in plines)
+        fp = _fingerprint_text(_reserve_fp_json(channel, hold, all_lines))
         if self.cluster:
             cfg = self._cfg(actor, source)
             return await self._reserve_cluster(reservation_id, channel, hold, fp, parts, cfg)
@@ -318,11 +325,13 @@ class ATP:
             keys += self._bucket_keys(b)
             for sku, loc, _qty in plines:
                 keys += self._position_keys(sku, loc)
-        req = _reserve_req_json(reservation_id, channel, hold * 1000, fp, self.keys.bucket(reservation_id), parts)
-        out = decode(await self.scripts.call(self.redis, "reserve", keys, (self._cfg(actor, source), req)))
+        home = self.keys.bucket(reservation_id)
+        req = _reserve_req_json(reservation_id, channel, hold * 1000, fp, home, parts)
+        cfg = self._cfg(actor, source)
+        out = decode(await self._call("reserve", keys, (cfg, req)))
         if out["replay"]:
             return _original(_reservation(out), hold)
-        return _reservation(out)
+        return _fresh(reservation_id, channel, parts, out["st"], out["cr"], out["ex"])
 
     async def confirm(
         self,
@@ -515,12 +524,14 @@ class ATP:
                 raise
             taken.append((b, len(pl), keys))
         index["state"] = "done"
-        index["cr"] = outs[0]["parts"][0]["cr"]
+        # parts an interrupted attempt took replay; the reservation dates from its first part
+        cr = min(o["parts"][0]["cr"] if o["replay"] else o["cr"] for o in outs)
+        index["cr"] = cr
         await self.redis.hset(idx_key, rid, _dumps(index))
-        merged = {"parts": [p for o in outs for p in o["parts"]], "replay": all(o["replay"] for o in outs)}
-        if merged["replay"]:
+        if all(o["replay"] for o in outs):
+            merged = {"parts": [p for o in outs for p in o["parts"]], "replay": 1}
             return _original(_reservation(merged), hold)
-        return _reservation(merged)
+        return _fresh(rid, channel, parts, "held" if hold else "confirmed", cr, cr + hold * 1000 if hold else 0)
 
     async def _rollback(self, rid: str, taken: list[tuple[int, int, list[str]]], cfg: str) -> None:
         for b, n, keys in taken:
@@ -652,13 +663,17 @@ def _fingerprint_text(text: str) -> str:
 
 # reserve's JSON, written directly. Only for checked values: strings that passed
 # check_ident / check_channel / check_reservation_id (nothing in them needs escaping) and
-# ints that passed check_int ("%d" formats an int subclass by value, as json does).
+# ints that passed check_int (":d" writes an int subclass by its value, as json does).
 
 
 def _reserve_fp_json(channel: str, hold: int, lines: list[tuple[str, str, int]]) -> str:
     """``_dumps([channel, hold, lines])``: what a reserve request's fingerprint hashes."""
-    body = ",".join(['["%s","%s",%d]' % ln for ln in lines])
-    return '["%s",%d,[%s]]' % (channel, hold, body)
+    body = ",".join([f'["{sku}","{loc}",{qty:d}]' for sku, loc, qty in lines])
+    return f'["{channel}",{hold:d},[{body}]]'
+
+
+def _reserve_lines_json(lines: list[tuple[str, str, int]]) -> str:
+    return ",".join([f'{{"sku":"{sku}","loc":"{loc}","qty":{qty:d}}}' for sku, loc, qty in lines])
 
 
 def _reserve_req_json(
@@ -669,14 +684,14 @@ def _reserve_req_json(
     lines: [{sku, loc, qty}]}]}, in that key order."""
     ps = ",".join(
         [
-            '{"b":%d,"n":%d,"lines":[%s]}'
-            % (b, len(plines), ",".join(['{"sku":"%s","loc":"%s","qty":%d}' % ln for ln in plines]))
+            f'{{"b":{b:d},"n":{len(plines):d},"lines":[{_reserve_lines_json(plines)}]}}'
             for b, plines in parts.items()
         ]
     )
-    return '{"id":"%s","ch":"%s","hold":%d,"fp":"%s","idx":true,"home":%d,"parts":[%s]}' % (
-        rid, channel, hold_ms, fp, home, ps,
-    )  # fmt: skip
+    return (
+        f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}","idx":true,'
+        f'"home":{home:d},"parts":[{ps}]}}'
+    )
 
 
 def _check_fulfilment_id(value: object) -> str:
@@ -744,6 +759,23 @@ def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
     )
 
 
+def _fresh(
+    rid: str, channel: str, parts: dict[int, list[tuple[str, str, int]]], status: str, cr: int, ex: int
+) -> Reservation:
+    """A reservation just taken: the script answers only its status and times, the lines
+    are the request's (in the order of its parts)."""
+    created = ms_to_dt(cr)
+    return Reservation(
+        id=rid,
+        channel=channel,
+        status=cast(Status, status),
+        lines=tuple([ReservationLine(sku, loc, qty) for pl in parts.values() for sku, loc, qty in pl]),
+        created_at=created,
+        expires_at=ms_to_dt(ex) if ex else None,
+        updated_at=created,
+    )
+
+
 def _original(current: Reservation, hold_seconds: int) -> Reservation:
     """The outcome a reserve call first returned, rebuilt for its replay (I3): the request
     is the same (the fingerprint matched), so its lines, status and expiry are known."""
@@ -781,7 +813,9 @@ def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
         status = "expired"
     lines = tuple(
         [
-            ReservationLine(ln["sku"], ln["loc"], ln["qty"], ln["shipped"], ln["short"], ln["released"])
+            ReservationLine(
+                ln["sku"], ln["loc"], ln["qty"], ln["shipped"], ln["short"], ln["released"]
+            )
             for p in parts
             for ln in p["lines"]
         ]

@@ -65,11 +65,12 @@ local function log_move(cfg, log_key, kind, m)
     'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
 end
 
--- Append one event to a bucket's outbox stream.
+-- Append one event to a bucket's outbox stream; `data` is a table, or JSON text already.
 local function emit(cfg, ev_key, etype, rid, channel, at, data)
+  if type(data) ~= 'string' then data = cjson.encode(data) end
   redis.call('XADD', ev_key, 'MAXLEN', '~', cfg.ev_max, '*',
     'type', etype, 'rid', str(rid), 'channel', str(channel), 'at', at,
-    'actor', str(cfg.actor), 'data', cjson.encode(data))
+    'actor', str(cfg.actor), 'data', data)
 end
 
 -- Units a reservation line still holds committed: not shipped and not released. Units

@@ -11,7 +11,8 @@ ARGV:
   [2] req  JSON {id, ch, hold (ms, 0 = confirmed at once), fp (request fingerprint),
                  idx (bool), home (bucket), parts:[{b, n, lines:[{sku, loc, qty}]}]}
 Returns JSON:
-  {"ok":1,"replay":0|1,"parts":[part…]}              accepted (or the original outcome)
+  {"ok":1,"replay":0,"st":status,"cr":ms,"ex":ms}     accepted (the caller knows the lines)
+  {"ok":1,"replay":1,"parts":[part…]}                the same request again: its parts
   {"err":"insufficient","lines":[{sku,location,requested,available}]}
   {"err":"unknown_position","lines":[{sku,location}]}
   {"err":"conflict"}                                  same id, different request
@@ -80,10 +81,12 @@ for pi, p in ipairs(req.parts) do
   end
 end
 
-local short, unknown = {}, {}
+local short, unknown, on_hand = {}, {}, {}
 for pi, p in ipairs(req.parts) do
+  on_hand[pi] = {}
   for li, l in ipairs(p.lines) do
     local pos = read_pos(pk[pi].lines[li].pos)
+    if pos then on_hand[pi][li] = pos.on_hand end
     if not pos then
       unknown[#unknown + 1] = { sku = l.sku, location = l.loc }
     else
@@ -111,7 +114,6 @@ for pi, p in ipairs(req.parts) do
   for li, l in ipairs(p.lines) do ls[li] = { l.sku, l.loc } end
   index_parts[pi] = { b = p.b, lines = ls }
 end
-local recs = {}
 for pi, p in ipairs(req.parts) do
   local e = pk[pi]
   local lines = {}
@@ -119,7 +121,7 @@ for pi, p in ipairs(req.parts) do
     local lk = e.lines[li]
     local after = redis.call('HINCRBY', lk.pos, 'committed', l.qty)
     redis.call('HINCRBY', lk.pos, 'ch:' .. req.ch, l.qty)
-    local oh = tonumber(redis.call('HGET', lk.pos, 'on_hand'))
+    local oh = on_hand[pi][li]
     log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
       ohb = oh, oha = oh, cmb = after - l.qty, cma = after, at = now })
     if held then redis.call('ZADD', lk.hx, ex, req.id) end
@@ -127,12 +129,14 @@ for pi, p in ipairs(req.parts) do
   end
   local rec = { id = req.id, ch = req.ch, st = st, cr = now, ex = ex, up = now, fp = req.fp,
                 home = req.home, parts = buckets, lines = lines, ful = {} }
-  redis.call('HSET', e.res, req.id, cjson.encode(rec))
+  local rec_json = cjson.encode(rec)
+  redis.call('HSET', e.res, req.id, rec_json)
   if held then redis.call('ZADD', e.holds, ex, req.id) end
-  emit(cfg, e.events, 'reserved', req.id, req.ch, now, { status = st, expires_at = ex, lines = lines })
-  recs[pi] = rec
+  -- the event carries the part as stored (status, expiry, lines)
+  emit(cfg, e.events, 'reserved', req.id, req.ch, now, rec_json)
 end
 if idx then
   redis.call('HSET', idx, req.id, cjson.encode({ fp = req.fp, ch = req.ch, cr = now, parts = index_parts }))
 end
-return cjson.encode({ ok = 1, replay = 0, parts = recs })
+return '{"ok":1,"replay":0,"st":"' .. st .. '","cr":' .. string.format('%d', now) ..
+  ',"ex":' .. string.format('%d', ex) .. '}'

@@ -334,7 +334,9 @@ async def test_reserve_held_single_line(core: ATP) -> None:
     )
     assert (m.committed_before, m.committed_after) == (0, 3)
     [ev] = await events(core, "A", "reserved")
-    assert (ev["rid"], ev["channel"], ev["data"]["status"]) == ("r1", "web", "held")
+    # the event carries the reservation part as stored
+    assert (ev["rid"], ev["channel"], ev["data"]["st"]) == ("r1", "web", "held")
+    assert [(ln["sku"], ln["qty"]) for ln in ev["data"]["lines"]] == [("A", 3)]
     got = await core.reservation("r1")
     assert (got.status, got.lines, got.expires_at) == ("held", r.lines, r.expires_at)
     await balanced(core)
