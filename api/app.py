@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from contextlib import asynccontextmanager
 
 
@@ -83,7 +85,10 @@ class EdgeMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = problems.problem(
-            413, "body_too_large", "Body too large", f"request bodies are limited to {self.max_body} bytes"
+            413,
+            "body_too_large",
+            "Body too large",
+            f"request bodies are limited to {self.max_body} bytes",
         )
         await resp(scope, receive, send)
 
@@ -101,6 +106,15 @@ async def _reaper(core: ATP, interval: float) -> None:
             log.exception("reaping expired holds failed; retrying")
 
 
+# FastAPI's native OpenTelemetry (newer releases) costs every request a few checks even
+# with no provider configured; this service exports Prometheus metrics instead.
+_NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(settings: Settings | None = None, core: ATP | None = None) -> FastAPI:
     """Build the app.
 
@@ -110,7 +124,9 @@ def create_app(settings: Settings | None = None, core: ATP | None = None) -> Fas
     """
     settings = settings or Settings()
     if core is None and not settings.redis_url:
-        raise RuntimeError("ATP_REDIS_URL is not set (atp serve starts an embedded server and sets it)")
+        raise RuntimeError(
+            "ATP_REDIS_URL is not set (atp serve starts an embedded server and sets it)"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +136,11 @@ def create_app(settings: Settings | None = None, core: ATP | None = None) -> Fas
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         app.state.core = c
         app.state.keys = KeyStore(c.redis, settings.key_prefix, admin, settings.key_refresh_seconds)
-        task = asyncio.create_task(_reaper(c, settings.reaper_interval)) if settings.reaper_interval else None
+        task = (
+            asyncio.create_task(_reaper(c, settings.reaper_interval))
+            if settings.reaper_interval
+            else None
+        )
         try:
             yield
         finally:
@@ -136,6 +156,7 @@ def create_app(settings: Settings | None = None, core: ATP | None = None) -> Fas
         version="1.0.0",
         summary="Available to promise: reserve stock without ever committing a unit twice.",
         lifespan=lifespan,
+        **_NO_OTEL,
     )
     problems.install(app)
     for r in (health, positions, availability, reservations, keys):

@@ -1,60 +1,72 @@
-"""Dependencies: the core, the key store, and the caller's principal with scope checks."""
+"""Dependencies: the caller's principal with scope checks; the core and the key store.
+
+FastAPI solves every dependency of a route on every request, and each one costs about as
+much as a small endpoint (../shared/PERFORMANCE.md: Python CPU is the limit). So a route
+has exactly one: a :class:`KeyAuth`, which reads the bearer key, authenticates it and
+checks the scopes in one step, and documents itself in OpenAPI as the ``HTTPBearer``
+scheme. The core and the key store come from ``request.app.state`` (:func:`core_of`,
+:func:`keys_of`): plain calls, not dependencies.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from atp import ATP
 from atp.apikeys import KeyStore, Principal
 
 from .problems import AuthError
 
-_bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer atp_…")
+__all__ = ["Admin", "Caller", "KeyAuth", "Reader", "core_of", "forbid", "keys_of", "require_any"]
 
 
-async def get_core(request: Request) -> ATP:
-    core: ATP = request.app.state.core
-    return core
+def core_of(request: Request) -> ATP:
+    c: ATP = request.app.state.core
+    return c
 
 
-async def get_keys(request: Request) -> KeyStore:
-    keys: KeyStore = request.app.state.keys
-    return keys
+def keys_of(request: Request) -> KeyStore:
+    k: KeyStore = request.app.state.keys
+    return k
 
 
-Core = Annotated[ATP, Depends(get_core)]
-Keys = Annotated[KeyStore, Depends(get_keys)]
+class KeyAuth(HTTPBearer):
+    """``Authorization: Bearer <key>``: 401 without a valid key; with ``scopes``, 403 for a
+    key that has none of them (admin has every scope)."""
 
+    def __init__(self, *scopes: str) -> None:
+        # the scheme keeps HTTPBearer's name and description: the OpenAPI document is the contract
+        super().__init__(
+            scheme_name="HTTPBearer",
+            auto_error=False,
+            description="an API key: Authorization: Bearer atp_…",
+        )
+        self.scopes = scopes
+        self._refusal = f"this key needs one of the scopes: {', '.join(scopes)}"
 
-async def principal(
-    keys: Keys, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    if cred is None or cred.scheme.lower() != "bearer" or not cred.credentials:
-        raise AuthError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
-    who = await keys.authenticate(cred.credentials)
-    if who is None:
-        raise AuthError(401, "unauthorized", "the API key is not valid or was revoked")
-    return who
-
-
-Caller = Annotated[Principal, Depends(principal)]
-
-
-def require_any(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
-    """A dependency that lets the caller through when it has one of ``scopes`` (or admin)."""
-
-    async def check(who: Caller) -> Principal:
-        if not any(who.has(s) for s in scopes):
-            raise AuthError(403, "forbidden", f"this key needs one of the scopes: {', '.join(scopes)}")
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        # as HTTPBearer: "<scheme> <credentials>", the scheme case-insensitive
+        scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        credentials = credentials.strip()
+        if not (scheme and credentials) or scheme.lower() != "bearer":
+            raise AuthError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
+        who = await keys_of(request).authenticate(credentials)
+        if who is None:
+            raise AuthError(401, "unauthorized", "the API key is not valid or was revoked")
+        if self.scopes and not any(who.has(s) for s in self.scopes):
+            raise AuthError(403, "forbidden", self._refusal)
         return who
 
-    return check
+
+def require_any(*scopes: str) -> KeyAuth:
+    """A dependency that lets the caller through when it has one of ``scopes`` (or admin)."""
+    return KeyAuth(*scopes)
 
 
+Caller = Annotated[Principal, Depends(KeyAuth())]
 Admin = Annotated[Principal, Depends(require_any("admin"))]
 Reader = Annotated[Principal, Depends(require_any("read"))]
 
