@@ -130,6 +130,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("atp: embedded server stopped", flush=True)
 
 
+def _no_server() -> int:
+    print("atp: no server: set ATP_REDIS_URL, or start `atp serve` first", file=sys.stderr)
+    return 2
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .store import ATP
     from .verify import verify
@@ -137,8 +142,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = Settings()
     url = resolve_url(settings)
     if url is None:
-        print("atp: no server: set ATP_REDIS_URL, or start `atp serve` first", file=sys.stderr)
-        return 2
+        return _no_server()
 
     async def run() -> Any:
         core = ATP.from_url(url, settings)
@@ -164,8 +168,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
     settings = Settings()
     url = resolve_url(settings)
     if url is None:
-        print("atp: no server: set ATP_REDIS_URL, or start `atp serve` first", file=sys.stderr)
-        return 2
+        return _no_server()
 
     async def run() -> tuple[int, int]:
         async with ATP.from_url(url, settings) as core:

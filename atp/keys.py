@@ -21,6 +21,8 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 *part* in this bucket (its lines on this bucket's SKUs)
 ``{p b}:holds``                 zset: reservation id -> expiry, parts held here (worker)
 ``{p b}:events``                stream: the bucket's outbox (reserved, released, …)
+``{p b}:stats``                 hash: ``committed`` and ``held`` units of the bucket's
+                                reservations (kept by the scripts, read by /metrics)
 ``{p h}:rix``                   hash, in the *home* bucket ``h = bucket(reservation id)``:
                                 reservation id -> JSON index (fingerprint, parts, lines)
 ==============================  =====================================================
@@ -76,6 +78,11 @@ class BucketKeys:
     res: str
     holds: str
     events: str
+    stats: str
+
+    def tuple(self) -> tuple[str, str, str, str]:
+        """In the order the scripts take them (``part_keys`` in lua/_lib.lua)."""
+        return (self.res, self.holds, self.events, self.stats)
 
 
 class KeySpace:
@@ -106,7 +113,7 @@ class KeySpace:
 
     def bucket_keys(self, bucket: int) -> BucketKeys:
         t = self._tag_cache[bucket]
-        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events")
+        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats")
 
     def index(self, reservation_id: str) -> str:
         """The reservation index key, in the home bucket of the reservation id."""

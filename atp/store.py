@@ -125,9 +125,8 @@ class ATP:
         check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
 
-    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str]:
-        bk = self.keys.bucket_keys(bucket)
-        return (bk.res, bk.holds, bk.events)
+    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str]:
+        return self.keys.bucket_keys(bucket).tuple()
 
     def _make_position_keys(self, sku: str, location: str) -> tuple[str, str, str]:
         pk = self.keys.position(sku, location)
@@ -422,15 +421,21 @@ class ATP:
 
         :raises UnknownReservation: no reservation has that id.
         """
-        index = await self._index(reservation_id, channels)
-        pipe = self.redis.pipeline(transaction=False)
-        for p in index["parts"]:
-            pipe.hget(self.keys.bucket_keys(p["b"]).res, reservation_id)
-        raws = await pipe.execute()
-        if any(r is None for r in raws):
-            raise UnknownReservation(f"no reservation with id {reservation_id}")
+        parts = await self._parts(reservation_id, await self._index(reservation_id, channels))
         now = await self._now_ms()
-        return _reservation({"parts": [json.loads(r) for r in raws], "replay": 0}, now_ms=now)
+        return _reservation({"parts": parts, "replay": 0}, now_ms=now)
+
+    async def totals(self) -> tuple[int, int]:
+        """Units committed, and units on hold, over the whole deployment (one round trip;
+        the scripts keep a total per bucket)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for b in range(self.keys.buckets):
+            pipe.hmget(self.keys.bucket_keys(b).stats, "committed", "held")
+        committed = held = 0
+        for c, h in await pipe.execute():
+            committed += int(c or 0)
+            held += int(h or 0)
+        return committed, held
 
     async def expire_holds(self, limit: int | None = None) -> ExpireResult:
         """Reclaim expired holds in every bucket, at most ``limit`` per bucket per call (the
@@ -450,7 +455,7 @@ class ATP:
             ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
             bk = self.keys.bucket_keys(b)
             raws = await self.redis.hmget(bk.res, ids)
-            keys = [bk.res, bk.holds, bk.events]
+            keys = list(bk.tuple())
             cands = []
             for rid, raw in zip(ids, raws, strict=True):
                 if raw is None:
@@ -547,8 +552,8 @@ class ATP:
         calls: list[tuple[list[str], dict[str, Any]]] = []
         k = 1  # keys[0] is the index key, not sent on a cluster
         for p in req["parts"]:
-            pkeys = keys[k : k + 3 + 3 * p["n"]]
-            k += 3 + 3 * p["n"]
+            pkeys = keys[k : k + 4 + 3 * p["n"]]
+            k += 4 + 3 * p["n"]
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]
@@ -603,8 +608,9 @@ class ATP:
             done.append((pkeys, preq))
         return {"parts": await self._parts(rid), "replay": all(replays)}
 
-    async def _parts(self, rid: str) -> list[dict[str, Any]]:
-        index = await self._index(rid)
+    async def _parts(self, rid: str, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every part of a reservation, read in one round trip."""
+        index = index or await self._index(rid)
         pipe = self.redis.pipeline(transaction=False)
         for p in index["parts"]:
             pipe.hget(self.keys.bucket_keys(p["b"]).res, rid)
@@ -643,8 +649,7 @@ class ATP:
         keys = [self.keys.index(reservation_id)]
         parts = []
         for p in index["parts"]:
-            bk = self.keys.bucket_keys(p["b"])
-            keys += (bk.res, bk.holds, bk.events)
+            keys += self._bucket_keys(p["b"])
             for sku, loc in p["lines"]:
                 pk = self.keys.position(sku, loc)
                 keys += (pk.pos, pk.hx, pk.log)

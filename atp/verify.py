@@ -10,7 +10,8 @@ deployment (SCAN, so it never blocks the server) and checks:
   position, per channel too; terminal reservations hold no open units;
 * **I5** each position's movement log chains (every entry starts where the one before
   ended) and ends at the position's current figures;
-* every index entry points at parts that exist, and every part at its index entry.
+* every index entry points at parts that exist, and every part at its index entry;
+* each bucket's unit totals (committed, held) equal its reservations' open units.
 
 It is what the tests, ``atp verify`` and the load tests use to prove the book balances.
 """
@@ -68,6 +69,7 @@ async def verify(
     parts_seen: dict[str, set[int]] = defaultdict(set)
     for b in range(ks.buckets):
         bk = ks.bucket_keys(b)
+        b_committed = b_held = 0
         async for rid_raw, raw in r.hscan_iter(bk.res, count=500):
             rid = _s(rid_raw)
             rec = json.loads(raw)
@@ -83,6 +85,13 @@ async def verify(
                     problem(f"{rid}: {rec['st']} but {o} units still open on {ln['sku']}")
                 open_pos[(ln["sku"], ln["loc"])] += o
                 open_ch[(ln["sku"], ln["loc"], rec["ch"])] += o
+                b_committed += o
+                if rec["st"] in ("held", "expired"):
+                    b_held += o
+        stats = {_s(k): int(v) for k, v in (await r.hgetall(bk.stats)).items()}
+        if (stats.get("committed", 0), stats.get("held", 0)) != (b_committed, b_held):
+            problem(f"bucket {b}: totals say committed {stats.get('committed', 0)}, held "
+                    f"{stats.get('held', 0)}; its reservations hold {b_committed}, {b_held} on hold")
 
     index: dict[str, set[int]] = {}
     for b in range(ks.buckets):

@@ -88,6 +88,12 @@ local function uncommit(cfg, pos_key, log_key, part, qty, kind, reason, now)
     ohb = oh, oha = oh, cmb = after + qty, cma = after, at = now })
 end
 
+-- Keep the bucket's unit totals (committed, and held: units of parts still on hold).
+local function stat(stats_key, committed, held)
+  if committed ~= 0 then redis.call('HINCRBY', stats_key, 'committed', committed) end
+  if held ~= 0 then redis.call('HINCRBY', stats_key, 'held', held) end
+end
+
 -- Raise an oversell exception when a position no longer covers its commitments (I1).
 local function check_cover(cfg, pos_key, ev_key, sku, loc, cause, rid, now)
   local p = read_pos(pos_key)
@@ -102,7 +108,7 @@ end
 -- Reclaim, on one position, the units of holds that have expired (bounded by `limit`).
 -- The expired reservations' parts live in `res_key` (same bucket as the position).
 local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key, ev_key,
-                               sku, loc, now, limit)
+                               stats_key, sku, loc, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', hx_key, '-inf', now, 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(ids) do
@@ -115,6 +121,7 @@ local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key
           local open = line_open(l)
           if l.sku == sku and l.loc == loc and open > 0 then
             uncommit(cfg, pos_key, log_key, part, open, 'expire', 'hold expired', now)
+            stat(stats_key, -open, -open)
             l.released = l.released + open
             n = n + open
           elseif open > 0 then
@@ -135,8 +142,8 @@ local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key
   return n
 end
 
--- Walk KEYS for a reservation call: optional index key, then per part three bucket keys
--- followed by three keys per line. Returns the index key (or false) and the parts'
+-- Walk KEYS for a reservation call: optional index key, then per part four bucket keys
+-- (res, holds, events, stats) followed by three keys per line (pos, hx, log). Returns the index key (or false) and the parts'
 -- key tables, or nil and a refusal when KEYS does not match the request.
 local function part_keys(with_index, parts)
   local k = 1
@@ -144,8 +151,8 @@ local function part_keys(with_index, parts)
   if with_index then idx = KEYS[1]; k = 2 end
   local out = {}
   for pi, p in ipairs(parts) do
-    local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], lines = {} }
-    k = k + 3
+    local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], stats = KEYS[k + 3], lines = {} }
+    k = k + 4
     for li = 1, p.n do
       e.lines[li] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2] }
       k = k + 3

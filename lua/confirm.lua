@@ -31,6 +31,9 @@ if st ~= 'held' then return refuse('bad_request', 'unexpected state ' .. tostrin
 
 for pi, rec in ipairs(recs) do
   local k = pk[pi]
+  local open = 0
+  for _, l in ipairs(rec.lines) do open = open + line_open(l) end
+  stat(k.stats, 0, -open)
   rec.st = 'confirmed'
   rec.ex = 0
   rec.cf = now

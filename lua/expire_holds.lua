@@ -8,6 +8,7 @@ KEYS:
   [1] res    bucket hash of reservation parts
   [2] holds  bucket zset of held parts
   [3] events bucket outbox stream
+  [4] stats  bucket hash of unit totals
   then, per candidate, per line of its part: pos | hx | log
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
@@ -21,17 +22,17 @@ Returns JSON:
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
 if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a list') end
-local want = 3
+local want = 4
 for _, c in ipairs(req.ids) do
   if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
   want = want + 3 * c.n
 end
 if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the candidates') end
-local res_key, holds_key, ev_key = KEYS[1], KEYS[2], KEYS[3]
+local res_key, holds_key, ev_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 local now = now_ms()
 local expired, units = {}, 0
-local k = 4
+local k = 5
 for _, c in ipairs(req.ids) do
   local raw = redis.call('HGET', res_key, c.id)
   local rec = raw and cjson.decode(raw)
@@ -42,6 +43,7 @@ for _, c in ipairs(req.ids) do
       local open = line_open(l)
       if open > 0 then
         uncommit(cfg, pos, log, rec, open, 'expire', 'hold expired', now)
+        stat(stats_key, -open, -open)
         l.released = l.released + open
         units = units + open
       end

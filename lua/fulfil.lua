@@ -100,6 +100,7 @@ for _, h in ipairs(plan) do
     local oha = redis.call('HINCRBY', k.pos, 'on_hand', -out)
     local cma = redis.call('HINCRBY', k.pos, 'committed', -f.shipped)
     redis.call('HINCRBY', k.pos, 'ch:' .. rec.ch, -f.shipped)
+    stat(pk[h.pi].stats, -f.shipped, 0)
     local reason = 'shipped'
     if f.short > 0 then reason = 'shipped ' .. f.shipped .. ', short pick ' .. f.short end
     log_move(cfg, k.log, 'fulfil', { reason = reason, ref = req.fid, rid = req.id, channel = rec.ch,
@@ -111,6 +112,7 @@ for _, h in ipairs(plan) do
     local rem = line_open(l)
     if rem > 0 then
       uncommit(cfg, k.pos, k.log, rec, rem, 'release', 'remainder released at fulfilment', now)
+      stat(pk[h.pi].stats, -rem, 0)
       l.released = l.released + rem
     end
   end

@@ -44,7 +44,10 @@ if req.rollback then
     if rec then
       for li, l in ipairs(rec.lines) do
         local open = line_open(l)
-        if open > 0 then uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, 'rollback', 'reservation rolled back', now) end
+        if open > 0 then
+          uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, 'rollback', 'reservation rolled back', now)
+          if rec.st == 'held' then stat(k.stats, -open, -open) else stat(k.stats, -open, 0) end
+        end
         redis.call('ZREM', k.lines[li].hx, req.id)
       end
       redis.call('ZREM', k.holds, req.id)
@@ -76,6 +79,8 @@ for pi, rec in ipairs(recs) do
     local open = line_open(l)
     if open > 0 then
       uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, kind, reason, now)
+      -- held units: of a part on hold, or of an expired one not yet reclaimed
+      if rec.st == 'held' or rec.st == 'expired' then stat(k.stats, -open, -open) else stat(k.stats, -open, 0) end
       l.released = l.released + open
       changed = true
     end

@@ -4,7 +4,7 @@ KEYS (walked by part_keys):
   [1]                 rix      reservation index hash of the home bucket (only when req.idx)
   then, per part p (one per bucket the lines fall in):
     res    bucket hash of reservation parts      holds  bucket zset of held parts
-    events bucket outbox stream
+    events bucket outbox stream                  stats  bucket hash of unit totals
     then, per line of p:  pos  position hash | hx  position hold zset | log  position stream
 ARGV:
   [1] cfg  JSON {max_qty, max_lines, max_hold, reclaim, log_max, ev_max, actor, source}
@@ -77,7 +77,7 @@ for pi, p in ipairs(req.parts) do
   local e = pk[pi]
   for li, l in ipairs(p.lines) do
     local lk = e.lines[li]
-    reclaim_expired(cfg, lk.pos, lk.hx, lk.log, e.res, e.holds, e.events, l.sku, l.loc, now, cfg.reclaim)
+    reclaim_expired(cfg, lk.pos, lk.hx, lk.log, e.res, e.holds, e.events, e.stats, l.sku, l.loc, now, cfg.reclaim)
   end
 end
 
@@ -116,8 +116,9 @@ for pi, p in ipairs(req.parts) do
 end
 for pi, p in ipairs(req.parts) do
   local e = pk[pi]
-  local lines = {}
+  local lines, units = {}, 0
   for li, l in ipairs(p.lines) do
+    units = units + l.qty
     local lk = e.lines[li]
     local after = redis.call('HINCRBY', lk.pos, 'committed', l.qty)
     redis.call('HINCRBY', lk.pos, 'ch:' .. req.ch, l.qty)
@@ -129,6 +130,7 @@ for pi, p in ipairs(req.parts) do
   end
   local rec = { id = req.id, ch = req.ch, st = st, cr = now, ex = ex, up = now, fp = req.fp,
                 home = req.home, parts = buckets, lines = lines, ful = {} }
+  if held then stat(e.stats, units, units) else stat(e.stats, units, 0) end
   local rec_json = cjson.encode(rec)
   redis.call('HSET', e.res, req.id, rec_json)
   if held then redis.call('ZADD', e.holds, ex, req.id) end

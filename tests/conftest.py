@@ -52,7 +52,7 @@ async def atp(server: EmbeddedServer, settings: Settings) -> AsyncIterator[ATP]:
 async def fake_atp(settings: Settings) -> AsyncIterator[ATP]:
     import fakeredis
 
-    client = fakeredis.FakeAsyncRedis(lua_modules={"cjson"})
+    client = fakeredis.FakeAsyncRedis()
     core = ATP(client, settings)
     try:
         yield core

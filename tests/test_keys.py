@@ -32,7 +32,7 @@ def test_single_position_keys_share_one_slot(prefix: str, buckets: int) -> None:
         bk = ks.bucket_keys(b)
         for loc in LOCS:
             pk = ks.position(sku, loc)
-            keys = [pk.pos, pk.hx, pk.log, bk.res, bk.holds, bk.events, ks.events(b)]
+            keys = [pk.pos, pk.hx, pk.log, bk.res, bk.holds, bk.events, bk.stats, ks.events(b)]
             assert len(slots(keys)) == 1, keys
             assert slot(pk.pos) == slot(ks.tag(b))
             assert ks.events(b) == bk.events

@@ -107,7 +107,7 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int) -> None:
     want_keys = [core.keys.index("ord-1.a:b")]
     for b, p in parts.items():
         bk = core.keys.bucket_keys(b)
-        want_keys += [bk.res, bk.holds, bk.events]
+        want_keys += [bk.res, bk.holds, bk.events, bk.stats]
         for s, loc, _q in p:
             pk = core.keys.position(s, loc)
             want_keys += [pk.pos, pk.hx, pk.log]

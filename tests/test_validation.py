@@ -774,13 +774,13 @@ async def test_lua_expire_holds_validates(book: ATP) -> None:
     cfg = book._cfg("worker", "test")
     before = await dump_all(book)
     for keys, req in [
-        ([bk.res, bk.holds, bk.events], {"ids": "held1"}),
-        ([bk.res, bk.holds, bk.events], {}),
-        ([bk.res, bk.holds, bk.events], {"ids": [{"id": "held1", "n": 1}]}),  # keys short
-        ([bk.res, bk.holds, bk.events, pk.pos, pk.hx, pk.log], {"ids": [{"id": "held1", "n": 0}]}),
-        ([bk.res, bk.holds, bk.events, pk.pos, pk.hx, pk.log], {"ids": [{"id": "", "n": 1}]}),
+        ([bk.res, bk.holds, bk.events, bk.stats], {"ids": "held1"}),
+        ([bk.res, bk.holds, bk.events, bk.stats], {}),
+        ([bk.res, bk.holds, bk.events, bk.stats], {"ids": [{"id": "held1", "n": 1}]}),  # keys short
+        ([bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log], {"ids": [{"id": "held1", "n": 0}]}),
+        ([bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log], {"ids": [{"id": "", "n": 1}]}),
         (
-            [bk.res, bk.holds, bk.events, pk.pos, pk.hx, pk.log],
+            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
             {"ids": [{"id": "held1", "n": 1.5}]},
         ),
     ]:
