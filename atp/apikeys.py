@@ -82,7 +82,9 @@ class KeyStore:
         self.redis = client
         self.hash_key = f"{prefix}keys"
         self.ver_key = f"{prefix}keys:ver"
-        self._bootstrap = hashlib.sha256(bootstrap_admin_key.encode()).digest() if bootstrap_admin_key else None
+        self._bootstrap = (
+            hashlib.sha256(bootstrap_admin_key.encode()).digest() if bootstrap_admin_key else None
+        )
         self.refresh_seconds = refresh_seconds
         self._records: dict[str, dict[str, Any]] = {}
         self._version: int | None = None
@@ -123,7 +125,11 @@ class KeyStore:
         return sorted((_key(json.loads(v)) for v in raw.values()), key=lambda k: k.created_at)
 
     async def revoke(self, key_id: str) -> ApiKey:
-        raw = await self.redis.hget(self.hash_key, key_id) if re.fullmatch(r"[a-f0-9]{16}", key_id) else None
+        raw = (
+            await self.redis.hget(self.hash_key, key_id)
+            if re.fullmatch(r"[a-f0-9]{16}", key_id)
+            else None
+        )
         if raw is None:
             raise NotFound(f"no key with id {key_id!r:.40}")
         rec = json.loads(raw)
@@ -169,7 +175,8 @@ class KeyStore:
             if ver != self._version:
                 raw = await self.redis.hgetall(self.hash_key)
                 self._records = {
-                    (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
+                    (k.decode() if isinstance(k, bytes) else k): json.loads(v)
+                    for k, v in raw.items()
                 }
                 self._version = ver
             self._checked = time.monotonic()

@@ -55,7 +55,9 @@ async def _seed_demo(url: str, settings: Settings) -> None:
     async with ATP.from_url(url, settings) as core:
         for sku, qty in DEMO_SKUS:
             if await core.position(sku, "WH1") is None:
-                await core.set_position(sku, "WH1", qty, reason="demo seed", actor="atp serve --demo")
+                await core.set_position(
+                    sku, "WH1", qty, reason="demo seed", actor="atp serve --demo"
+                )
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -93,7 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif settings.admin_key is None and not asyncio.run(_has_stored_keys(url, settings)):
             print(
                 "atp: refusing to start without an API key. Set one, e.g.\n"
-                "  export ATP_ADMIN_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n"
+                "  export ATP_ADMIN_KEY="
+                "$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n"
                 "or try it out with: atp serve --demo",
                 file=sys.stderr,
             )
@@ -104,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"atp: demo admin key: {demo_key}", flush=True)
             print("atp: try:", flush=True)
             print(
-                f"  curl -s {auth} -X POST {base}/v1/reservations -H 'Content-Type: application/json' "
+                f"  curl -s {auth} -X POST {base}/v1/reservations "
+                "-H 'Content-Type: application/json' "
                 '-d \'{"reservation_id":"demo-1","channel":"web","lines":[{"sku":"DEMO-TEE",'
                 '"location":"WH1","qty":2}],"hold_seconds":600}\'',
                 flush=True,
@@ -153,8 +157,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     rep = asyncio.run(run())
     if args.json:
-        print(json.dumps({"ok": rep.ok, "positions": rep.positions, "reservations": rep.reservations,
-                          "movements": rep.movements, "problems": rep.problems, "uncovered": rep.uncovered}))
+        print(
+            json.dumps(
+                {
+                    "ok": rep.ok,
+                    "positions": rep.positions,
+                    "reservations": rep.reservations,
+                    "movements": rep.movements,
+                    "problems": rep.problems,
+                    "uncovered": rep.uncovered,
+                }
+            )
+        )
     else:
         for p in rep.problems:
             print(f"  FAIL {p}")
@@ -188,10 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--demo", action="store_true", help="seed a demo catalog and print a demo key")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     p.set_defaults(func=cmd_serve)
     v = sub.add_parser("verify", help="check the whole book against the invariants")
-    v.add_argument("--allow-uncovered", action="store_true", help="report, don't fail, positions left uncovered by short picks or counts")
+    v.add_argument(
+        "--allow-uncovered",
+        action="store_true",
+        help="report, don't fail, positions left uncovered by short picks or counts",
+    )
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("reap", help="reclaim expired holds once")

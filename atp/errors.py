@@ -6,7 +6,7 @@
     ├── InvalidRequest                bad input: nothing was written (I7)
     ├── NotFound
     │   ├── UnknownReservation
-    │   └── UnknownPosition           a reservation or adjustment named a position that does not exist
+    │   └── UnknownPosition           a call named a position that does not exist
     ├── Refused                       a valid request the current state says no to
     │   ├── InsufficientStock         not enough available to promise (carries the lines)
     │   ├── NegativeOnHand            on_hand would drop below zero

@@ -22,7 +22,8 @@ __all__ = [
     "Status",
 ]
 
-# SKUs and locations: ASCII letters, digits and . _ - (they are URL path segments); no '{', '}' or '|' (see atp.keys).
+# SKUs and locations: ASCII letters, digits and . _ - (they are URL path segments);
+# no '{', '}' or '|' (see atp.keys).
 IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}")
 RESERVATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
@@ -72,7 +73,11 @@ def check_text(value: object, what: str, maxlen: int = 200, required: bool = Tru
     if value is None and not required:
         return ""
     # the scripts count bytes, so the limit is in UTF-8 bytes here too
-    if not isinstance(value, str) or len(value.encode()) > maxlen or (required and not value.strip()):
+    if (
+        not isinstance(value, str)
+        or len(value.encode()) > maxlen
+        or (required and not value.strip())
+    ):
         raise InvalidRequest(f"{what} must be text of 1-{maxlen} bytes", field=what)
     return value
 

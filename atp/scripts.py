@@ -76,7 +76,9 @@ class ScriptRunner:
 
     def __init__(self) -> None:
         self.sources = {name: load_source(name) for name in NAMES}
-        self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()}
+        self.shas = {
+            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()
+        }
 
     async def load(self, client: Redis) -> None:
         """SCRIPT LOAD every script (also done lazily on NOSCRIPT)."""
@@ -179,14 +181,18 @@ class AutoPipeline:
             self._sending.add(task)  # keep a reference until it is done
             task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]]
+    ) -> None:
         try:
             if len(batch) == 1:
                 name, keys, args, _ = batch[0]
                 results: list[Any] = [await self.runner.call(self.client, name, keys, args)]
             else:
-                results = await self.runner.call_many_raw(self.client, [(n, k, a) for n, k, a, _ in batch])
-        except BaseException as e:  # noqa: BLE001 - every waiter must hear of it
+                results = await self.runner.call_many_raw(
+                    self.client, [(n, k, a) for n, k, a, _ in batch]
+                )
+        except BaseException as e:
             err = e if isinstance(e, Exception) else BackendError("the call was cancelled")
             for *_, fut in batch:
                 if not fut.done():

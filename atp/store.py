@@ -68,7 +68,9 @@ class ATP:
         self.keys = KeySpace(s.key_prefix, s.buckets)
         self.scripts = ScriptRunner()
         self._pipe = (
-            AutoPipeline(client, self.scripts, s.autopipeline_max_batch) if self.settings.autopipeline and not self.cluster else None
+            AutoPipeline(client, self.scripts, s.autopipeline_max_batch)
+            if self.settings.autopipeline and not self.cluster
+            else None
         )
         self._cfg_base: dict[str, Any] = {
             "max_qty": s.max_line_qty,
@@ -137,7 +139,9 @@ class ATP:
             return await self._pipe.call(name, keys, args)
         return await self.scripts.call(self.redis, name, keys, args)
 
-    async def _run(self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
+    async def _run(
+        self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]
+    ) -> dict[str, Any]:
         return decode(await self._call(name, keys, (cfg, _dumps(req))))
 
     # -- positions -------------------------------------------------------------------------
@@ -198,11 +202,20 @@ class ATP:
         check_text(reference, "reference", required=False)
         k = self.keys.position(sku, location)
         req = {"sku": sku, "loc": location, "delta": delta, "reason": reason, "ref": reference}
-        out = await self._run("adjust", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req)
+        out = await self._run(
+            "adjust", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+        )
         return _position(sku, location, out["position"])
 
     async def receive(
-        self, sku: str, location: str, qty: int, *, reference: str, actor: str = "", source: str = ""
+        self,
+        sku: str,
+        location: str,
+        qty: int,
+        *,
+        reference: str,
+        actor: str = "",
+        source: str = "",
     ) -> Position:
         """Inbound units arrive: on_hand goes up by ``qty`` against ``reference`` (PO, ASN)."""
         check_ident(sku, "sku")
@@ -211,7 +224,9 @@ class ATP:
         check_text(reference, "reference")
         k = self.keys.position(sku, location)
         req = {"sku": sku, "loc": location, "qty": qty, "ref": reference}
-        out = await self._run("receive", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req)
+        out = await self._run(
+            "receive", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+        )
         return _position(sku, location, out["position"])
 
     async def position(self, sku: str, location: str) -> Position | None:
@@ -259,7 +274,9 @@ class ATP:
         top = "+" if before is None else f"({_check_stream_id(before)}"
         if top != "+" and not any(int(p) for p in top[1:].split("-")):
             return []  # nothing is older than 0-0, and Redis refuses the range "(0-0"
-        rows = await self.redis.xrevrange(self.keys.position(sku, location).log, top, "-", count=count)
+        rows = await self.redis.xrevrange(
+            self.keys.position(sku, location).log, top, "-", count=count
+        )
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
     # -- reservations ----------------------------------------------------------------------
@@ -405,13 +422,27 @@ class ATP:
                 raise InvalidRequest(f"two lines for {ln.sku} at {ln.location}", field="lines")
             seen.add((ln.sku, ln.location))
             flines.append(
-                {"sku": ln.sku, "loc": ln.location, "shipped": ln.shipped, "short": ln.short,
-                 "rr": bool(ln.release_remainder)}
+                {
+                    "sku": ln.sku,
+                    "loc": ln.location,
+                    "shipped": ln.shipped,
+                    "short": ln.short,
+                    "rr": bool(ln.release_remainder),
+                }
             )
-        ffp = _fingerprint(sorted((f["sku"], f["loc"], f["shipped"], f["short"], f["rr"]) for f in flines))
+        ffp = _fingerprint(
+            sorted((f["sku"], f["loc"], f["shipped"], f["short"], f["rr"]) for f in flines)
+        )
         fid = ffp if fulfilment_id is None else _check_fulfilment_id(fulfilment_id)
         keys, parts = await self._reservation_keys(reservation_id, channels)
-        req = {"id": reservation_id, "idx": True, "parts": parts, "fid": fid, "ffp": ffp, "lines": flines}
+        req = {
+            "id": reservation_id,
+            "idx": True,
+            "parts": parts,
+            "fid": fid,
+            "ffp": ffp,
+            "lines": flines,
+        }
         return _reservation(await self._apply("fulfil", keys, self._cfg(actor, source), req))
 
     async def reservation(
@@ -440,7 +471,9 @@ class ATP:
     async def expire_holds(self, limit: int | None = None) -> ExpireResult:
         """Reclaim expired holds in every bucket, at most ``limit`` per bucket per call (the
         worker calls this in a loop). Returns the reservation ids expired and units returned."""
-        limit = self.settings.expire_batch if limit is None else check_int(limit, "limit", 1, 10_000)
+        limit = (
+            self.settings.expire_batch if limit is None else check_int(limit, "limit", 1, 10_000)
+        )
         now = await self._now_ms()
         holds = self.keys.all_holds()
         pipe = self.redis.pipeline(transaction=False)
@@ -473,7 +506,9 @@ class ATP:
                 await self.redis.zrem(bk.holds, *stale)
             if not cands:
                 continue
-            out = await self._run("expire_holds", keys, self._cfg("worker", "expire_holds"), {"ids": cands})
+            out = await self._run(
+                "expire_holds", keys, self._cfg("worker", "expire_holds"), {"ids": cands}
+            )
             expired += out["expired"] if isinstance(out["expired"], list) else []
             units += int(out["units"])
         return ExpireResult(tuple(expired), units)
@@ -498,7 +533,9 @@ class ATP:
         index = {
             "fp": fp,
             "ch": channel,
-            "parts": [{"b": b, "lines": [[sku, loc] for sku, loc, _ in pl]} for b, pl in parts.items()],
+            "parts": [
+                {"b": b, "lines": [[sku, loc] for sku, loc, _ in pl]} for b, pl in parts.items()
+            ],
             "state": "pending",
         }
         if not await self.redis.hsetnx(idx_key, rid, _dumps(index)):
@@ -519,7 +556,10 @@ class ATP:
             req = {
                 "id": rid, "ch": channel, "hold": hold * 1000, "fp": fp, "idx": False,
                 "home": self.keys.bucket(rid),
-                "parts": [{"b": b, "n": len(pl), "lines": [{"sku": s, "loc": lo, "qty": q} for s, lo, q in pl]}],
+                "parts": [{
+                    "b": b, "n": len(pl),
+                    "lines": [{"sku": s, "loc": lo, "qty": q} for s, lo, q in pl],
+                }],
             }  # fmt: skip
             try:
                 outs.append(await self._run("reserve", keys, cfg, req))
@@ -536,14 +576,23 @@ class ATP:
         if all(o["replay"] for o in outs):
             merged = {"parts": [p for o in outs for p in o["parts"]], "replay": 1}
             return _original(_reservation(merged), hold)
-        return _fresh(rid, channel, parts, "held" if hold else "confirmed", cr, cr + hold * 1000 if hold else 0)
+        return _fresh(
+            rid,
+            channel,
+            parts,
+            "held" if hold else "confirmed",
+            cr,
+            cr + hold * 1000 if hold else 0,
+        )
 
     async def _rollback(self, rid: str, taken: list[tuple[int, int, list[str]]], cfg: str) -> None:
         for b, n, keys in taken:
             req = {"id": rid, "idx": False, "parts": [{"b": b, "n": n}], "rollback": True}
             await self._run("release", keys, cfg, req)
 
-    async def _apply(self, name: str, keys: list[str], cfg: str, req: dict[str, Any]) -> dict[str, Any]:
+    async def _apply(
+        self, name: str, keys: list[str], cfg: str, req: dict[str, Any]
+    ) -> dict[str, Any]:
         """Run a reservation script: once over every part on one server, part by part on a
         cluster (fulfil lines go to the part that holds them)."""
         if not self.cluster:
@@ -581,7 +630,9 @@ class ATP:
             for _, preq in calls:
                 b = preq["parts"][0]["b"]
                 others = [p for p in current if self.keys.bucket(p["lines"][0]["sku"]) != b]
-                preq["picked"] = sum(ln["shipped"] + ln["short"] for p in others for ln in p["lines"])
+                preq["picked"] = sum(
+                    ln["shipped"] + ln["short"] for p in others for ln in p["lines"]
+                )
             for f in req["lines"]:
                 held = lines.get((f["sku"], f["loc"]))
                 if held is None:
@@ -601,7 +652,12 @@ class ATP:
             except HoldExpired:
                 # a hold that lapsed between two parts: give back what the earlier parts took
                 for dkeys, dreq in done:
-                    rel = {"id": rid, "idx": False, "parts": dreq["parts"], "reason": "hold expired"}
+                    rel = {
+                        "id": rid,
+                        "idx": False,
+                        "parts": dreq["parts"],
+                        "reason": "hold expired",
+                    }
                     await self._run("release", dkeys, cfg, rel)
                 raise
             replays.append(bool(out["replay"]))
@@ -703,8 +759,9 @@ def _check_fulfilment_id(value: object) -> str:
     try:
         return check_reservation_id(value)
     except InvalidRequest as e:  # same rule, but name the field the caller gave
-        raise InvalidRequest(e.detail.replace("reservation_id", "fulfilment_id", 1),
-                             field="fulfilment_id") from None
+        raise InvalidRequest(
+            e.detail.replace("reservation_id", "fulfilment_id", 1), field="fulfilment_id"
+        ) from None
 
 
 def _check_stream_id(value: str) -> str:
@@ -765,7 +822,12 @@ def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
 
 
 def _fresh(
-    rid: str, channel: str, parts: dict[int, list[tuple[str, str, int]]], status: str, cr: int, ex: int
+    rid: str,
+    channel: str,
+    parts: dict[int, list[tuple[str, str, int]]],
+    status: str,
+    cr: int,
+    ex: int,
 ) -> Reservation:
     """A reservation just taken: the script answers only its status and times, the lines
     are the request's (in the order of its parts)."""
@@ -774,7 +836,9 @@ def _fresh(
         id=rid,
         channel=channel,
         status=cast(Status, status),
-        lines=tuple([ReservationLine(sku, loc, qty) for pl in parts.values() for sku, loc, qty in pl]),
+        lines=tuple(
+            [ReservationLine(sku, loc, qty) for pl in parts.values() for sku, loc, qty in pl]
+        ),
         created_at=created,
         expires_at=ms_to_dt(ex) if ex else None,
         updated_at=created,

@@ -90,8 +90,10 @@ async def verify(
                     b_held += o
         stats = {_s(k): int(v) for k, v in (await r.hgetall(bk.stats)).items()}
         if (stats.get("committed", 0), stats.get("held", 0)) != (b_committed, b_held):
-            problem(f"bucket {b}: totals say committed {stats.get('committed', 0)}, held "
-                    f"{stats.get('held', 0)}; its reservations hold {b_committed}, {b_held} on hold")
+            problem(
+                f"bucket {b}: totals say committed {stats.get('committed', 0)}, held "
+                f"{stats.get('held', 0)}; its reservations hold {b_committed}, {b_held} on hold"
+            )
 
     index: dict[str, set[int]] = {}
     for b in range(ks.buckets):
@@ -102,7 +104,10 @@ async def verify(
                 problem(f"index entry {rid} is in bucket {b}, not its home")
     for rid, buckets in index.items():
         if parts_seen.get(rid, set()) != buckets:
-            problem(f"{rid}: index names parts {sorted(buckets)}, found {sorted(parts_seen.get(rid, set()))}")
+            problem(
+                f"{rid}: index names parts {sorted(buckets)}, "
+                f"found {sorted(parts_seen.get(rid, set()))}"
+            )
     for rid in parts_seen.keys() - index.keys():
         problem(f"{rid}: parts without an index entry")
 
@@ -117,11 +122,16 @@ async def verify(
         if oh < 0 or cm < 0:
             problem(f"{sku}@{loc}: on_hand {oh}, committed {cm}")
         if cm != open_pos.get((sku, loc), 0):
-            problem(f"{sku}@{loc}: committed {cm} but live reservations hold {open_pos.get((sku, loc), 0)} (I2)")
+            problem(
+                f"{sku}@{loc}: committed {cm} but live reservations hold "
+                f"{open_pos.get((sku, loc), 0)} (I2)"
+            )
         for f, v in flat.items():
             if f.startswith("ch:") and v != open_ch.get((sku, loc, f[3:]), 0):
-                problem(f"{sku}@{loc}: channel {f[3:]} committed {v} but its reservations hold "
-                        f"{open_ch.get((sku, loc, f[3:]), 0)} (I2)")
+                problem(
+                    f"{sku}@{loc}: channel {f[3:]} committed {v} but its reservations hold "
+                    f"{open_ch.get((sku, loc, f[3:]), 0)} (I2)"
+                )
         if cm > oh - ss:
             rep.uncovered.append(f"{sku}@{loc}")
             if not allow_uncovered:
@@ -134,7 +144,9 @@ async def verify(
     return rep
 
 
-async def _check_log(atp: ATP, sku: str, loc: str, oh: int, cm: int, rep: VerifyReport, problem: Any) -> None:
+async def _check_log(
+    atp: ATP, sku: str, loc: str, oh: int, cm: int, rep: VerifyReport, problem: Any
+) -> None:
     key = atp.keys.position(sku, loc).log
     prev: tuple[int, int] | None = None
     last = "-"
@@ -150,7 +162,10 @@ async def _check_log(atp: ATP, sku: str, loc: str, oh: int, cm: int, rep: Verify
             before = (int(f["on_hand_before"]), int(f["committed_before"]))
             after = (int(f["on_hand_after"]), int(f["committed_after"]))
             if prev is not None and before != prev:
-                problem(f"{sku}@{loc}: movement {_s(mid)} starts at {before}, previous ended at {prev} (I5)")
+                problem(
+                    f"{sku}@{loc}: movement {_s(mid)} starts at {before}, "
+                    f"previous ended at {prev} (I5)"
+                )
             prev = after
             last = _s(mid)
     if prev is not None and prev != (oh, cm):

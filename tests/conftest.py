@@ -63,4 +63,5 @@ async def fake_atp(settings: Settings) -> AsyncIterator[ATP]:
 def pytest_report_header(config: pytest.Config) -> str:
     from atp import find_server_binary
 
-    return f"redis-compatible server: {find_server_binary()} (ATP_SERVER_BINARY={os.environ.get('ATP_SERVER_BINARY', '')})"
+    override = os.environ.get("ATP_SERVER_BINARY", "")
+    return f"redis-compatible server: {find_server_binary()} (ATP_SERVER_BINARY={override})"

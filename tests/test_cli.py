@@ -34,7 +34,9 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _call(port: int, method: str, path: str, key: str, body: object | None = None) -> tuple[int, dict]:
+def _call(
+    port: int, method: str, path: str, key: str, body: object | None = None
+) -> tuple[int, dict]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
         data=json.dumps(body).encode() if body is not None else None,
@@ -63,7 +65,17 @@ class Served:
 def serve(tmp_path: Path) -> Iterator[Served]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atp", "serve", "--demo", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "atp",
+            "serve",
+            "--demo",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -105,13 +117,22 @@ def test_serve_demo_prints_key_and_curl_lines_that_work(serve: Served, tmp_path:
         "lines": [{"sku": "DEMO-TEE", "location": "WH1", "qty": 2}],
     })  # fmt: skip
     assert status == 201 and body["status"] == "held"
-    assert _call(serve.port, "POST", "/v1/reservations/demo-1/confirm", key)[1]["status"] == "confirmed"
-    assert _call(serve.port, "POST", "/v1/reservations/demo-1/release", key)[1]["status"] == "released"
+    assert (
+        _call(serve.port, "POST", "/v1/reservations/demo-1/confirm", key)[1]["status"]
+        == "confirmed"
+    )
+    assert (
+        _call(serve.port, "POST", "/v1/reservations/demo-1/release", key)[1]["status"] == "released"
+    )
     status, pos = _call(serve.port, "GET", "/v1/positions/DEMO-TEE/WH1", key)
     assert status == 200 and (pos["on_hand"], pos["committed"]) == (100, 0)
     # atp verify finds the embedded server through the data directory
     out = subprocess.run(
-        [sys.executable, "-m", "atp", "verify"], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "atp", "verify"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("OK:")
@@ -146,6 +167,10 @@ def test_serve_refuses_without_a_key(tmp_path: Path) -> None:
 
 def test_verify_without_a_server_says_how(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "atp", "verify"], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "atp", "verify"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2 and "ATP_REDIS_URL" in out.stderr

@@ -74,7 +74,9 @@ async def test_multi_slot_reservation_and_lifecycle(core: ATP) -> None:
         await core.set_position(sku, "W", 10, reason="init")
     r = await core.reserve("o1", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 1)], hold_seconds=60)
     assert r.status == "held" and {ln.sku for ln in r.lines} == {a, b, c}
-    again = await core.reserve("o1", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 1)], hold_seconds=60)
+    again = await core.reserve(
+        "o1", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 1)], hold_seconds=60
+    )
     assert again.replayed and again.status == "held"
     with pytest.raises(IdempotencyConflict):
         await core.reserve("o1", "web", [(a, "W", 1)], hold_seconds=60)

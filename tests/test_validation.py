@@ -777,8 +777,14 @@ async def test_lua_expire_holds_validates(book: ATP) -> None:
         ([bk.res, bk.holds, bk.events, bk.stats], {"ids": "held1"}),
         ([bk.res, bk.holds, bk.events, bk.stats], {}),
         ([bk.res, bk.holds, bk.events, bk.stats], {"ids": [{"id": "held1", "n": 1}]}),  # keys short
-        ([bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log], {"ids": [{"id": "held1", "n": 0}]}),
-        ([bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log], {"ids": [{"id": "", "n": 1}]}),
+        (
+            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
+            {"ids": [{"id": "held1", "n": 0}]},
+        ),
+        (
+            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
+            {"ids": [{"id": "", "n": 1}]},
+        ),
         (
             [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
             {"ids": [{"id": "held1", "n": 1.5}]},
