@@ -38,7 +38,13 @@ def movement(m: Movement) -> dict[str, Any]:
 
 
 def availability(a: Availability) -> dict[str, Any]:
-    return {"sku": a.sku, "location": a.location, "channel": a.channel, "atp": a.atp, "exists": a.exists}
+    return {
+        "sku": a.sku,
+        "location": a.location,
+        "channel": a.channel,
+        "atp": a.atp,
+        "exists": a.exists,
+    }
 
 
 def reservation(r: Reservation) -> dict[str, Any]:

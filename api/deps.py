@@ -1,11 +1,12 @@
 """Dependencies: the caller's principal with scope checks; the core and the key store.
 
-FastAPI solves every dependency of a route on every request, and each one costs about as
-much as a small endpoint (../shared/PERFORMANCE.md: Python CPU is the limit). So a route
-has exactly one: a :class:`KeyAuth`, which reads the bearer key, authenticates it and
-checks the scopes in one step, and documents itself in OpenAPI as the ``HTTPBearer``
+FastAPI solves every dependency of a route on every request, at ~8 µs of CPU each here
+(a fifth of the trivial endpoint; ../shared/PERFORMANCE.md: Python CPU is the limit). So a
+route has exactly one: a :class:`KeyAuth`, which reads the bearer key, authenticates it
+and checks the scopes in one step, and documents itself in OpenAPI as the ``HTTPBearer``
 scheme. The core and the key store come from ``request.app.state`` (:func:`core_of`,
-:func:`keys_of`): plain calls, not dependencies.
+:func:`keys_of`): plain calls, not dependencies. The fast lane (api/lane.py) authenticates
+with the same :meth:`KeyAuth.principal`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from atp.apikeys import KeyStore, Principal
 
 from .problems import AuthError
 
-__all__ = ["Admin", "Caller", "KeyAuth", "Reader", "core_of", "forbid", "keys_of", "require_any"]
+__all__ = [
+    "Admin",
+    "Caller",
+    "KeyAuth",
+    "Reader",
+    "caller",
+    "core_of",
+    "forbid",
+    "keys_of",
+    "require_any",
+]
 
 
 def core_of(request: Request) -> ATP:
@@ -48,12 +59,16 @@ class KeyAuth(HTTPBearer):
         self._refusal = f"this key needs one of the scopes: {', '.join(scopes)}"
 
     async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        return await self.principal(request.headers.get("authorization"), keys_of(request))
+
+    async def principal(self, authorization: str | None, store: KeyStore) -> Principal:
+        """The caller behind an ``Authorization`` header value; raises :class:`AuthError`."""
         # as HTTPBearer: "<scheme> <credentials>", the scheme case-insensitive
-        scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        scheme, _, credentials = (authorization or "").partition(" ")
         credentials = credentials.strip()
         if not (scheme and credentials) or scheme.lower() != "bearer":
             raise AuthError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
-        who = await keys_of(request).authenticate(credentials)
+        who = await store.authenticate(credentials)
         if who is None:
             raise AuthError(401, "unauthorized", "the API key is not valid or was revoked")
         if self.scopes and not any(who.has(s) for s in self.scopes):
@@ -66,7 +81,8 @@ def require_any(*scopes: str) -> KeyAuth:
     return KeyAuth(*scopes)
 
 
-Caller = Annotated[Principal, Depends(KeyAuth())]
+caller = KeyAuth()
+Caller = Annotated[Principal, Depends(caller)]
 Admin = Annotated[Principal, Depends(require_any("admin"))]
 Reader = Annotated[Principal, Depends(require_any("read"))]
 

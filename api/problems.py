@@ -37,17 +37,22 @@ _STATUS: list[tuple[type[errors.ATPError], int, str]] = [
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail, **extra}
+    body = {
+        "type": PROBLEM_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 def core_problem(exc: errors.ATPError) -> JSONResponse:
-    for cls, status, title in _STATUS:
-        if isinstance(exc, cls):
-            break
-    else:  # pragma: no cover - every core error is listed
-        status, title = 500, "Internal error"
+    # every core error is listed; the fallback is for one that is not
+    status, title = next(
+        ((s, t) for cls, s, t in _STATUS if isinstance(exc, cls)), (500, "Internal error")
+    )
     extra = dict(exc.extra)
     if isinstance(exc, errors.InvalidRequest) and exc.field:
         extra["errors"] = [{"field": exc.field, "message": exc.detail}]
@@ -59,6 +64,11 @@ class AuthError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
+def auth_problem(exc: AuthError) -> JSONResponse:
+    title = "Unauthorized" if exc.status == 401 else "Forbidden"
+    return problem(exc.status, exc.code, title, exc.detail)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.ATPError)
     async def _core(_: Request, exc: errors.ATPError) -> JSONResponse:
@@ -66,8 +76,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(AuthError)
     async def _auth(_: Request, exc: AuthError) -> JSONResponse:
-        title = "Unauthorized" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, exc.code, title, exc.detail)
+        return auth_problem(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,13 +89,24 @@ def install(app: FastAPI) -> None:
                 errs.append({"field": "body", "message": msg, "type": "json_invalid"})
                 continue
             loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-            errs.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type", "")})
+            errs.append(
+                {
+                    "field": ".".join(loc) or "body",
+                    "message": e.get("msg", ""),
+                    "type": e.get("type", ""),
+                }
+            )
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errs[:5])
         return problem(422, "validation_error", "Invalid request", detail, errors=errs)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",
+            400: "bad_request",
+        }
         title = "Body too large" if exc.status_code == 413 else str(exc.detail)
         code = codes.get(exc.status_code, "http_error")
         resp = problem(exc.status_code, code, title, str(exc.detail))

@@ -136,7 +136,10 @@ class FulfilLineIn(Strict):
             "anyOf": [
                 {"required": ["shipped"], "properties": {"shipped": {"minimum": 1}}},
                 {"required": ["short"], "properties": {"short": {"minimum": 1}}},
-                {"required": ["release_remainder"], "properties": {"release_remainder": {"const": True}}},
+                {
+                    "required": ["release_remainder"],
+                    "properties": {"release_remainder": {"const": True}},
+                },
             ]
         }
     )

@@ -309,7 +309,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="before each measurement (default 1)")
     ap.add_argument("--tasks", type=int, default=64, help="concurrent asyncio tasks (default 64)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--appendfsync", choices=("no", "everysec", "always"), default="everysec")
     ap.add_argument(
         "--with-script",

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from .. import metrics
-from ..deps import Core
+from ..deps import core_of
 
 router = APIRouter(tags=["health"])
 
@@ -16,11 +16,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis unreachable or scripts not loaded"}})
-async def readyz(core: Core) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Readiness: Redis answers and every script is loaded."""
     try:
-        await core.ready()
-    except Exception as e:  # noqa: BLE001 - any failure means not ready
+        await core_of(request).ready()
+    except Exception as e:  # any failure means not ready
         return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
     return JSONResponse({"status": "ready"})
 

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from atp.apikeys import Principal
 from atp.errors import UnknownPosition
 
 from .. import convert
-from ..deps import Admin, Core, Reader, require_any
+from ..deps import Admin, Reader, core_of, require_any
 from ..schemas import (
     AdjustBody,
     Ident,
@@ -29,20 +29,34 @@ BODY_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 422)
 
 @router.put("/{sku}/{location}", response_model=PositionOut, responses=BODY_ERRORS)
 async def set_position(
-    sku: SkuPath, location: LocPath, body: PositionSet, core: Core, who: Admin
+    sku: SkuPath, location: LocPath, body: PositionSet, request: Request, who: Admin
 ) -> JSONResponse:
     """Set on hand (and safety stock) of a position absolutely."""
-    p = await core.set_position(
-        sku, location, body.on_hand, body.safety_stock, reason=body.reason, actor=who.key_id, source="api"
+    p = await core_of(request).set_position(
+        sku,
+        location,
+        body.on_hand,
+        body.safety_stock,
+        reason=body.reason,
+        actor=who.key_id,
+        source="api",
     )
     return JSONResponse(convert.position(p))
 
 
 @router.post("/{sku}/{location}/adjust", response_model=PositionOut, responses=BODY_ERRORS)
-async def adjust(sku: SkuPath, location: LocPath, body: AdjustBody, core: Core, who: Admin) -> JSONResponse:
+async def adjust(
+    sku: SkuPath, location: LocPath, body: AdjustBody, request: Request, who: Admin
+) -> JSONResponse:
     """Change on hand by a signed delta, with a reason."""
-    p = await core.adjust(
-        sku, location, body.delta, reason=body.reason, reference=body.reference, actor=who.key_id, source="api"
+    p = await core_of(request).adjust(
+        sku,
+        location,
+        body.delta,
+        reason=body.reason,
+        reference=body.reference,
+        actor=who.key_id,
+        source="api",
     )
     return JSONResponse(convert.position(p))
 
@@ -52,18 +66,22 @@ async def receive(
     sku: SkuPath,
     location: LocPath,
     body: ReceiveBody,
-    core: Core,
+    request: Request,
     who: Annotated[Principal, Depends(require_any("fulfil"))],
 ) -> JSONResponse:
     """Receive inbound units against a reference (PO, ASN)."""
-    p = await core.receive(sku, location, body.qty, reference=body.reference, actor=who.key_id, source="api")
+    p = await core_of(request).receive(
+        sku, location, body.qty, reference=body.reference, actor=who.key_id, source="api"
+    )
     return JSONResponse(convert.position(p))
 
 
 @router.get("/{sku}/{location}", response_model=PositionOut, responses=ERRORS)
-async def get_position(sku: SkuPath, location: LocPath, core: Core, who: Reader) -> JSONResponse:
+async def get_position(
+    sku: SkuPath, location: LocPath, request: Request, who: Reader
+) -> JSONResponse:
     """Read a position."""
-    p = await core.position(sku, location)
+    p = await core_of(request).position(sku, location)
     if p is None:
         raise UnknownPosition(f"no position for {sku} at {location}")
     return JSONResponse(convert.position(p))
@@ -73,12 +91,12 @@ async def get_position(sku: SkuPath, location: LocPath, core: Core, who: Reader)
 async def movements(
     sku: SkuPath,
     location: LocPath,
-    core: Core,
+    request: Request,
     who: Reader,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[str | None, Query(pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?$")] = None,
 ) -> JSONResponse:
     """The position's audit trail, newest first; page with ``before=<next_before>``."""
-    items = await core.movements(sku, location, count=limit, before=before)
+    items = await core_of(request).movements(sku, location, count=limit, before=before)
     nxt = items[-1].id if len(items) == limit else None
     return JSONResponse({"items": [convert.movement(m) for m in items], "next_before": nxt})

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path
+from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
 
-from atp import ATPError, FulfilLine, Line
+from atp import ATP, ATPError, FulfilLine, Line
+from atp.apikeys import Principal
 
 from .. import convert, metrics
-from ..deps import Caller, Core, forbid
+from ..deps import Caller, core_of, forbid
+from ..lane import LaneRequest, LaneRouter, check, parse
 from ..schemas import (
     FulfilBody,
     ReleaseBody,
@@ -19,19 +22,17 @@ from ..schemas import (
 )
 
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
+fast = LaneRouter(router)
 IdPath = Annotated[ReservationId, Path()]
 ERRORS = problem_responses(401, 403, 404, 409, 422)
 BODY_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 422)
 
 
-@router.post(
-    "",
-    status_code=201,
-    response_model=ReservationOut,
-    responses=BODY_ERRORS,
-)
-async def reserve(body: ReserveBody, core: Core, who: Caller) -> JSONResponse:
-    """Reserve units for a channel, all lines or none; idempotent by reservation_id."""
+# Each route's work is a function of (core, caller, validated input) that both the FastAPI
+# route and its fast-lane twin (api/lane.py) call: one behaviour, two ways in.
+
+
+async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, Any]:
     if not who.has(f"reserve:{body.channel}"):
         raise forbid(f"this key may not reserve for channel {body.channel}")
     try:
@@ -44,83 +45,144 @@ async def reserve(body: ReserveBody, core: Core, who: Caller) -> JSONResponse:
             source="api",
         )
     except ATPError as e:
-        metrics.RESERVATIONS.labels(e.code, body.channel).inc()
+        metrics.child(metrics.RESERVATIONS, e.code, body.channel).inc()
         raise
     if r.replayed:
-        metrics.RESERVATIONS.labels("replayed", body.channel).inc()
+        metrics.child(metrics.RESERVATIONS, "replayed", body.channel).inc()
     else:
-        metrics.RESERVATIONS.labels("accepted", body.channel).inc()
-        metrics.UNITS_RESERVED.labels(body.channel, r.status).inc(sum(ln.qty for ln in r.lines))
-    return JSONResponse(convert.reservation(r), status_code=201)
+        metrics.child(metrics.RESERVATIONS, "accepted", body.channel).inc()
+        metrics.child(metrics.UNITS_RESERVED, body.channel, r.status).inc(
+            sum(ln.qty for ln in r.lines)
+        )
+    return convert.reservation(r)
 
 
-def _own(who: Caller, *extra: str) -> set[str] | None:
+def _own(who: Principal, *extra: str) -> set[str] | None:
     """None (any channel) for admin or an extra scope, else the caller's own channels."""
     if any(who.has(s) for s in ("admin", *extra)):
         return None
     return who.channels()
 
 
-@router.get("/{reservation_id}", response_model=ReservationOut, responses=ERRORS)
-async def get_reservation(reservation_id: IdPath, core: Core, who: Caller) -> JSONResponse:
-    """A reservation and its state (read scope, or the owning channel)."""
+async def _get(core: ATP, who: Principal, reservation_id: str) -> dict[str, Any]:
     channels = _own(who, "read")
     if channels is not None and not channels:
         raise forbid("this key needs the read scope or a reserve:<channel> scope")
-    r = await core.reservation(reservation_id, channels=channels)
-    return JSONResponse(convert.reservation(r))
+    return convert.reservation(await core.reservation(reservation_id, channels=channels))
 
 
-@router.post("/{reservation_id}/confirm", response_model=ReservationOut, responses=ERRORS)
-async def confirm(reservation_id: IdPath, core: Core, who: Caller) -> JSONResponse:
-    """Confirm a held reservation (the owning channel)."""
+async def _confirm(core: ATP, who: Principal, reservation_id: str) -> dict[str, Any]:
     channels = _own(who)
     if channels is not None and not channels:
         raise forbid("confirming needs the owning channel's reserve:<channel> scope")
     try:
         r = await core.confirm(reservation_id, channels=channels, actor=who.key_id, source="api")
     except ATPError as e:
-        metrics.TRANSITIONS.labels("confirm", e.code).inc()
+        metrics.child(metrics.TRANSITIONS, "confirm", e.code).inc()
         raise
-    metrics.TRANSITIONS.labels("confirm", "replayed" if r.replayed else "ok").inc()
-    return JSONResponse(convert.reservation(r))
+    metrics.child(metrics.TRANSITIONS, "confirm", "replayed" if r.replayed else "ok").inc()
+    return convert.reservation(r)
 
 
-@router.post("/{reservation_id}/release", response_model=ReservationOut, responses=BODY_ERRORS)
-async def release(
-    reservation_id: IdPath,
-    core: Core,
-    who: Caller,
-    body: Annotated[ReleaseBody | None, Body()] = None,
-) -> JSONResponse:
-    """Release a reservation; its open units return (the owning channel or admin)."""
+async def _release(
+    core: ATP, who: Principal, reservation_id: str, body: ReleaseBody | None
+) -> dict[str, Any]:
     channels = _own(who)
     if channels is not None and not channels:
         raise forbid("releasing needs admin or the owning channel's reserve:<channel> scope")
     reason = body.reason if body else "released"
     try:
-        r = await core.release(reservation_id, reason=reason, channels=channels, actor=who.key_id, source="api")
+        r = await core.release(
+            reservation_id, reason=reason, channels=channels, actor=who.key_id, source="api"
+        )
     except ATPError as e:
-        metrics.TRANSITIONS.labels("release", e.code).inc()
+        metrics.child(metrics.TRANSITIONS, "release", e.code).inc()
         raise
-    metrics.TRANSITIONS.labels("release", "replayed" if r.replayed else "ok").inc()
-    return JSONResponse(convert.reservation(r))
+    metrics.child(metrics.TRANSITIONS, "release", "replayed" if r.replayed else "ok").inc()
+    return convert.reservation(r)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ReservationOut,
+    responses=BODY_ERRORS,
+)
+async def reserve(body: ReserveBody, request: Request, who: Caller) -> JSONResponse:
+    """Reserve units for a channel, all lines or none; idempotent by reservation_id."""
+    return JSONResponse(await _reserve(core_of(request), who, body), status_code=201)
+
+
+@router.get("/{reservation_id}", response_model=ReservationOut, responses=ERRORS)
+async def get_reservation(reservation_id: IdPath, request: Request, who: Caller) -> JSONResponse:
+    """A reservation and its state (read scope, or the owning channel)."""
+    return JSONResponse(await _get(core_of(request), who, reservation_id))
+
+
+@router.post("/{reservation_id}/confirm", response_model=ReservationOut, responses=ERRORS)
+async def confirm(reservation_id: IdPath, request: Request, who: Caller) -> JSONResponse:
+    """Confirm a held reservation (the owning channel)."""
+    return JSONResponse(await _confirm(core_of(request), who, reservation_id))
+
+
+@router.post("/{reservation_id}/release", response_model=ReservationOut, responses=BODY_ERRORS)
+async def release(
+    reservation_id: IdPath,
+    request: Request,
+    who: Caller,
+    body: Annotated[ReleaseBody | None, Body()] = None,
+) -> JSONResponse:
+    """Release a reservation; its open units return (the owning channel or admin)."""
+    return JSONResponse(await _release(core_of(request), who, reservation_id, body))
+
+
+# The fast lane (api/lane.py): the same routes' ordinary requests, anything else falls back.
+_RESERVATION_ID: TypeAdapter[str] = TypeAdapter(ReservationId)
+
+
+@fast.route("POST", "", body=True)
+async def _reserve_fast(req: LaneRequest) -> tuple[int, Any]:
+    return 201, await _reserve(req.core, req.who, parse(ReserveBody, req.body))
+
+
+@fast.route("GET", "/{reservation_id}")
+async def _get_fast(req: LaneRequest) -> tuple[int, Any]:
+    return 200, await _get(req.core, req.who, check(_RESERVATION_ID, req.params["reservation_id"]))
+
+
+@fast.route("POST", "/{reservation_id}/confirm")
+async def _confirm_fast(req: LaneRequest) -> tuple[int, Any]:
+    return 200, await _confirm(
+        req.core, req.who, check(_RESERVATION_ID, req.params["reservation_id"])
+    )
+
+
+@fast.route("POST", "/{reservation_id}/release", body=True)
+async def _release_fast(req: LaneRequest) -> tuple[int, Any]:
+    reservation_id = check(_RESERVATION_ID, req.params["reservation_id"])
+    body = None if req.body is None else parse(ReleaseBody, req.body)
+    return 200, await _release(req.core, req.who, reservation_id, body)
 
 
 @router.post("/{reservation_id}/fulfil", response_model=ReservationOut, responses=BODY_ERRORS)
-async def fulfil(reservation_id: IdPath, body: FulfilBody, core: Core, who: Caller) -> JSONResponse:
+async def fulfil(
+    reservation_id: IdPath, body: FulfilBody, request: Request, who: Caller
+) -> JSONResponse:
     """Ship units of a confirmed reservation, with short picks (fulfil scope or admin)."""
     if not who.has("fulfil"):
         raise forbid("fulfilling needs the fulfil scope")
-    lines = [FulfilLine(ln.sku, ln.location, ln.shipped, ln.short, ln.release_remainder) for ln in body.lines]
+    lines = [
+        FulfilLine(ln.sku, ln.location, ln.shipped, ln.short, ln.release_remainder)
+        for ln in body.lines
+    ]
     try:
-        r = await core.fulfil(
+        r = await core_of(request).fulfil(
             reservation_id, lines, fulfilment_id=body.fulfilment_id, actor=who.key_id, source="api"
         )
     except ATPError as e:
-        metrics.TRANSITIONS.labels("fulfil", e.code).inc()
+        metrics.child(metrics.TRANSITIONS, "fulfil", e.code).inc()
         raise
-    metrics.TRANSITIONS.labels("fulfil", "replayed" if r.replayed else "ok").inc()
+    metrics.child(metrics.TRANSITIONS, "fulfil", "replayed" if r.replayed else "ok").inc()
     if not r.replayed:
         metrics.UNITS_SHIPPED.inc(sum(ln.shipped for ln in body.lines))
         shorts = [ln.short for ln in body.lines if ln.short]
