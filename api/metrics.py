@@ -9,6 +9,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -70,3 +71,16 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+# Read from Redis at scrape time (the scripts keep per-bucket totals): the same figure in
+# every process, so with several workers the largest (any) one is reported.
+UNITS_COMMITTED = Gauge(
+    "atp_units_committed", "Units committed to live reservations", multiprocess_mode="max"
+)
+UNITS_HELD = Gauge(
+    "atp_units_held", "Units on hold (reservations not yet confirmed)", multiprocess_mode="max"
+)
+SCRAPE_ERRORS = Counter(
+    "atp_metrics_scrape_errors_total", "Scrapes that could not read the unit totals"
+)

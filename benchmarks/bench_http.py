@@ -82,7 +82,10 @@ def run_wrk(url: str, seconds: int, connections: int, script: str | None) -> dic
         cmd += ["-s", script]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = {m.group(1): _ms(m.group(2), m.group(3)) for m in re.finditer(r"\s(50|99)%\s+([\d.]+)(us|ms|s)\b", out)}
+    lat = {
+        m.group(1): _ms(m.group(2), m.group(3))
+        for m in re.finditer(r"\s(50|99)%\s+([\d.]+)(us|ms|s)\b", out)
+    }
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
     return {
@@ -95,7 +98,9 @@ def run_wrk(url: str, seconds: int, connections: int, script: str | None) -> dic
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
@@ -113,10 +118,16 @@ def main() -> int:
         server.start()
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "ATP_REDIS_URL": server.url, "ATP_ADMIN_KEY": ADMIN, "ATP_KEY_PREFIX": "bench:"}
+        env = {
+            **os.environ,
+            "ATP_REDIS_URL": server.url,
+            "ATP_ADMIN_KEY": ADMIN,
+            "ATP_KEY_PREFIX": "bench:",
+        }
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(args.workers), "--log-level", "warning", "--no-access-log"],
+            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
+             "--log-level", "warning", "--no-access-log"],
             cwd=ROOT, env=env,
         )  # fmt: skip
         wait_http(base)
@@ -138,8 +149,13 @@ def main() -> int:
         reserve: list[dict[str, float]] = []
         for r in range(1, args.rounds + 1):
             trivial.append(run_wrk(base + "/healthz", args.seconds, args.connections, None))
-            reserve.append(run_wrk(base + "/v1/reservations", args.seconds, args.connections, reserve_script(r)))
-            print(f"  round {r}: trivial {trivial[-1]['rps']:.0f}/s, reserve {reserve[-1]['rps']:.0f}/s "
+            reserve.append(
+                run_wrk(
+                    base + "/v1/reservations", args.seconds, args.connections, reserve_script(r)
+                )
+            )
+            print(f"  round {r}: trivial {trivial[-1]['rps']:.0f}/s, "
+                  f"reserve {reserve[-1]['rps']:.0f}/s "
                   f"(non-2xx {reserve[-1]['non2xx']:.0f})", flush=True)  # fmt: skip
 
         def med(rows: list[dict[str, float]], k: str) -> float:
@@ -148,10 +164,16 @@ def main() -> int:
         print()
         print(f"{'endpoint':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
         for name, rows in (("GET /healthz (trivial)", trivial), ("POST /v1/reservations", reserve)):
-            print(f"{name:<28}{med(rows, 'rps'):>10.0f}{med(rows, 'p50'):>10.2f}{med(rows, 'p99'):>10.2f}")
+            print(
+                f"{name:<28}{med(rows, 'rps'):>10.0f}"
+                f"{med(rows, 'p50'):>10.2f}{med(rows, 'p99'):>10.2f}"
+            )
         ratio = med(reserve, "rps") / med(trivial, "rps")
         print(f"\nratio reserve / trivial: {ratio:.2f}  (aim >= 0.60)")
-        print(f"reserve p99: {med(reserve, 'p99'):.1f} ms at {args.connections} connections (aim < 50 ms)")
+        print(
+            f"reserve p99: {med(reserve, 'p99'):.1f} ms at {args.connections} connections "
+            "(aim < 50 ms)"
+        )
         failed = sum(row["non2xx"] for row in reserve)
         print(f"reserve answers other than 201: {failed:.0f}")
         pos = call(base, "GET", "/v1/positions/HOT/WH1")

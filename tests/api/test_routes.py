@@ -705,3 +705,19 @@ def test_document_lists_every_answer_of_a_body(app: object) -> None:
         assert {"400", "413", "422"} <= set(op["responses"]), (method, path)
         for status in ("400", "413", "422"):
             assert "application/problem+json" in op["responses"][status]["content"], (method, path)
+
+
+async def test_metrics_units_committed_and_held(
+    client: httpx.AsyncClient, admin: Headers, seed: Seed
+) -> None:
+    await seed("SKU-1", "DC1", 10)
+    held = reserve_body("g1", ("SKU-1", "DC1", 2), hold=600)
+    assert (await client.post("/v1/reservations", json=held, headers=admin)).status_code == 201
+    confirmed = reserve_body("g2", ("SKU-1", "DC1", 3))
+    assert (await client.post("/v1/reservations", json=confirmed, headers=admin)).status_code == 201
+    text = (await client.get("/metrics")).text
+    assert "atp_units_committed 5.0" in text
+    assert "atp_units_held 2.0" in text
+    assert (await client.post("/v1/reservations/g1/confirm", headers=admin)).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert "atp_units_committed 5.0" in text and "atp_units_held 0.0" in text
