@@ -14,7 +14,7 @@ ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {ids:[{id, n}]}     n = the line count the worker saw on the part
 Returns JSON:
-  {"ok":1,"expired":[id…],"units":N}
+  {"ok":1,"expired":[id…],"units":N}      ids this call reclaimed something of
   {"err":"bad_request"}
 ]]
 --- @include "_lib"
@@ -38,6 +38,7 @@ for _, c in ipairs(req.ids) do
   local rec = raw and cjson.decode(raw)
   if rec and #rec.lines == c.n and
      (rec.st == 'expired' or (rec.st == 'held' and rec.ex > 0 and rec.ex <= now)) then
+    local changed = false
     for li, l in ipairs(rec.lines) do
       local pos, hx, log = KEYS[k + 3 * (li - 1)], KEYS[k + 3 * (li - 1) + 1], KEYS[k + 3 * (li - 1) + 2]
       local open = line_open(l)
@@ -46,17 +47,23 @@ for _, c in ipairs(req.ids) do
         stat(stats_key, -open, -open)
         l.released = l.released + open
         units = units + open
+        changed = true
       end
       redis.call('ZREM', hx, c.id)
     end
     if rec.st ~= 'expired' then
       rec.st = 'expired'
       emit(cfg, ev_key, 'expired', rec.id, rec.ch, now, { expires_at = rec.ex })
+      changed = true
     end
-    rec.up = now
-    redis.call('HSET', res_key, c.id, cjson.encode(rec))
     redis.call('ZREM', holds_key, c.id)
-    expired[#expired + 1] = c.id
+    -- listed only when this call reclaimed something, so two reapers racing on one hold
+    -- do not both report it
+    if changed then
+      rec.up = now
+      redis.call('HSET', res_key, c.id, cjson.encode(rec))
+      expired[#expired + 1] = c.id
+    end
   elseif not rec or (rec.st ~= 'held' and rec.st ~= 'expired') then
     redis.call('ZREM', holds_key, c.id)
   end

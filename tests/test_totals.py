@@ -37,3 +37,24 @@ async def test_totals_follow_every_transition(atp: ATP) -> None:
     await atp.expire_holds()
     assert await atp.totals() == (3, 0)
     assert (await verify(atp, allow_uncovered=True)).ok
+
+
+async def test_a_second_reaper_does_not_report_a_hold_again(atp: ATP) -> None:
+    """Two reapers that read the same candidates before either reclaimed them: the second
+    finds nothing left to do and reports nothing (units, ids and the metric stay right)."""
+    await atp.set_position("R", "W", 30, reason="init")
+    for i in range(5):
+        await atp.reserve(f"h{i}", "web", [("R", "W", 1)], hold_seconds=1)
+    await asyncio.sleep(1.1)
+    b = atp.keys.bucket("R")
+    bk = atp.keys.bucket_keys(b)
+    ids = [i.decode() for i in await atp.redis.zrangebyscore(bk.holds, "-inf", "+inf")]
+    pk = atp.keys.position("R", "W")
+    keys = [*bk.tuple()] + [k for _ in ids for k in (pk.pos, pk.hx, pk.log)]
+    req = {"ids": [{"id": i, "n": 1} for i in ids]}
+    first = await atp._run("expire_holds", keys, atp._cfg("reaper-1", ""), req)
+    second = await atp._run("expire_holds", keys, atp._cfg("reaper-2", ""), req)
+    assert sorted(first["expired"]) == sorted(ids) and first["units"] == 5
+    assert not second["expired"] and second["units"] == 0
+    assert await atp.totals() == (0, 0)
+    assert (await verify(atp)).ok
