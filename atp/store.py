@@ -115,12 +115,11 @@ class ATP:
     def _cfg(self, actor: str, source: str) -> str:
         """The scripts' settings argument, with who is acting (written to the logs)."""
         try:
-            return self._cfg_cached(actor, source)
-        except TypeError:
-            pass  # unhashable: refused below
-        check_text(actor, "actor", 128, required=False)
-        check_text(source, "source", 128, required=False)
-        return self._cfg_cached(actor, source)
+            return self._cfg_cached(actor, source)  # _make_cfg checks both
+        except TypeError:  # unhashable, so not text: refused with the field named
+            check_text(actor, "actor", 128, required=False)
+            check_text(source, "source", 128, required=False)
+            raise
 
     def _make_cfg(self, actor: str, source: str) -> str:
         check_text(actor, "actor", 128, required=False)
@@ -129,6 +128,18 @@ class ATP:
 
     def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str]:
         return self.keys.bucket_keys(bucket).tuple()
+
+    def _keys(
+        self, index_key: str | None, parts: Iterable[tuple[int, Iterable[Sequence[Any]]]]
+    ) -> list[str]:
+        """KEYS of a reservation call (``part_keys`` in lua/_lib.lua): the index key when
+        given, then per part its bucket keys and three keys per line (sku, location, …)."""
+        keys = [index_key] if index_key else []
+        for b, lines in parts:
+            keys += self._bucket_keys(b)
+            for ln in lines:
+                keys += self._position_keys(ln[0], ln[1])
+        return keys
 
     def _make_position_keys(self, sku: str, location: str) -> tuple[str, str, str]:
         pk = self.keys.position(sku, location)
@@ -336,11 +347,7 @@ class ATP:
         if self.cluster:
             cfg = self._cfg(actor, source)
             return await self._reserve_cluster(reservation_id, channel, hold, fp, parts, cfg)
-        keys = [self.keys.index(reservation_id)]
-        for b, plines in parts.items():
-            keys += self._bucket_keys(b)
-            for sku, loc, _qty in plines:
-                keys += self._position_keys(sku, loc)
+        keys = self._keys(self.keys.index(reservation_id), parts.items())
         home = self.keys.bucket(reservation_id)
         req = _reserve_req_json(reservation_id, channel, hold * 1000, fp, home, parts)
         cfg = self._cfg(actor, source)
@@ -452,8 +459,7 @@ class ATP:
 
         :raises UnknownReservation: no reservation has that id.
         """
-        parts = await self._parts(reservation_id, await self._index(reservation_id, channels))
-        now = await self._now_ms()
+        parts, now = await self._parts(reservation_id, await self._index(reservation_id, channels))
         return _reservation({"parts": parts, "replay": 0}, now_ms=now)
 
     async def totals(self) -> tuple[int, int]:
@@ -550,9 +556,7 @@ class ATP:
         taken: list[tuple[int, int, list[str]]] = []
         outs: list[dict[str, Any]] = []
         for b, pl in parts.items():
-            keys = [*self._bucket_keys(b)]
-            for sku, loc, _qty in pl:
-                keys += self._position_keys(sku, loc)
+            keys = self._keys(None, [(b, pl)])
             req = {
                 "id": rid, "ch": channel, "hold": hold * 1000, "fp": fp, "idx": False,
                 "home": self.keys.bucket(rid),
@@ -613,7 +617,7 @@ class ATP:
         if name in ("confirm", "release"):
             # parts already past this step (a part fully fulfilled, a part confirmed by an
             # interrupted call) are left alone, as one script would see the whole
-            current = await self._parts(rid)
+            current, _ = await self._parts(rid)
             whole = _merged_status(current)
             if whole in ("held", "confirmed") or (name == "release" and whole == "expired"):
                 calls = [
@@ -624,7 +628,7 @@ class ATP:
         if name == "fulfil":
             # check every line against its part before any part is changed; the scripts
             # check again, atomically, per part
-            current = await self._parts(rid)
+            current, _ = await self._parts(rid)
             lines = {(ln["sku"], ln["loc"]): ln for p in current for ln in p["lines"]}
             # a part closing its last line must know whether other parts picked anything
             for _, preq in calls:
@@ -662,18 +666,25 @@ class ATP:
                 raise
             replays.append(bool(out["replay"]))
             done.append((pkeys, preq))
-        return {"parts": await self._parts(rid), "replay": all(replays)}
+        return {"parts": (await self._parts(rid))[0], "replay": all(replays)}
 
-    async def _parts(self, rid: str, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Every part of a reservation, read in one round trip."""
+    async def _parts(
+        self, rid: str, index: dict[str, Any] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Every part of a reservation and the server's time (ms), in one round trip."""
         index = index or await self._index(rid)
         pipe = self.redis.pipeline(transaction=False)
         for p in index["parts"]:
             pipe.hget(self.keys.bucket_keys(p["b"]).res, rid)
-        raws = await pipe.execute()
+        if self.cluster:  # a cluster pipeline cannot route a keyless TIME
+            raws = list(await pipe.execute())
+            sec, usec = await self.redis.time()
+        else:
+            pipe.time()
+            *raws, (sec, usec) = await pipe.execute()
         if any(r is None for r in raws):
             raise UnknownReservation(f"no reservation with id {rid}")
-        return [json.loads(r) for r in raws]
+        return [json.loads(r) for r in raws], int(sec) * 1000 + int(usec) // 1000
 
     # -- internals -------------------------------------------------------------------------
 
@@ -702,15 +713,9 @@ class ATP:
         self, reservation_id: str, channels: Collection[str] | None = None
     ) -> tuple[list[str], list[dict[str, int]]]:
         index = await self._index(reservation_id, channels)
-        keys = [self.keys.index(reservation_id)]
-        parts = []
-        for p in index["parts"]:
-            keys += self._bucket_keys(p["b"])
-            for sku, loc in p["lines"]:
-                pk = self.keys.position(sku, loc)
-                keys += (pk.pos, pk.hx, pk.log)
-            parts.append({"b": p["b"], "n": len(p["lines"])})
-        return keys, parts
+        parts = index["parts"]
+        keys = self._keys(self.keys.index(reservation_id), ((p["b"], p["lines"]) for p in parts))
+        return keys, [{"b": p["b"], "n": len(p["lines"])} for p in parts]
 
 
 def _fingerprint(obj: object) -> str:

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
-from atp import ATP, ATPError, FulfilLine, Line
+from atp import ATP, ATPError, FulfilLine, Line, Reservation
 from atp.apikeys import Principal
 
 from .. import convert, metrics
@@ -57,48 +58,54 @@ async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, An
     return convert.reservation(r)
 
 
-def _own(who: Principal, *extra: str) -> set[str] | None:
-    """None (any channel) for admin or an extra scope, else the caller's own channels."""
+def _channels(who: Principal, refusal: str, *extra: str) -> set[str] | None:
+    """None (any channel) for admin or an extra scope, else the caller's own channels;
+    403 with ``refusal`` for a key that has neither."""
     if any(who.has(s) for s in ("admin", *extra)):
         return None
-    return who.channels()
+    own = who.channels()
+    if not own:
+        raise forbid(refusal)
+    return own
+
+
+async def _counted(action: str, call: Awaitable[Reservation]) -> Reservation:
+    """Await a transition, counting its outcome."""
+    try:
+        r = await call
+    except ATPError as e:
+        metrics.child(metrics.TRANSITIONS, action, e.code).inc()
+        raise
+    metrics.child(metrics.TRANSITIONS, action, "replayed" if r.replayed else "ok").inc()
+    return r
 
 
 async def _get(core: ATP, who: Principal, reservation_id: str) -> dict[str, Any]:
-    channels = _own(who, "read")
-    if channels is not None and not channels:
-        raise forbid("this key needs the read scope or a reserve:<channel> scope")
+    channels = _channels(who, "this key needs the read scope or a reserve:<channel> scope", "read")
     return convert.reservation(await core.reservation(reservation_id, channels=channels))
 
 
 async def _confirm(core: ATP, who: Principal, reservation_id: str) -> dict[str, Any]:
-    channels = _own(who)
-    if channels is not None and not channels:
-        raise forbid("confirming needs the owning channel's reserve:<channel> scope")
-    try:
-        r = await core.confirm(reservation_id, channels=channels, actor=who.key_id, source="api")
-    except ATPError as e:
-        metrics.child(metrics.TRANSITIONS, "confirm", e.code).inc()
-        raise
-    metrics.child(metrics.TRANSITIONS, "confirm", "replayed" if r.replayed else "ok").inc()
+    channels = _channels(who, "confirming needs the owning channel's reserve:<channel> scope")
+    r = await _counted(
+        "confirm", core.confirm(reservation_id, channels=channels, actor=who.key_id, source="api")
+    )
     return convert.reservation(r)
 
 
 async def _release(
     core: ATP, who: Principal, reservation_id: str, body: ReleaseBody | None
 ) -> dict[str, Any]:
-    channels = _own(who)
-    if channels is not None and not channels:
-        raise forbid("releasing needs admin or the owning channel's reserve:<channel> scope")
+    channels = _channels(
+        who, "releasing needs admin or the owning channel's reserve:<channel> scope"
+    )
     reason = body.reason if body else "released"
-    try:
-        r = await core.release(
+    r = await _counted(
+        "release",
+        core.release(
             reservation_id, reason=reason, channels=channels, actor=who.key_id, source="api"
-        )
-    except ATPError as e:
-        metrics.child(metrics.TRANSITIONS, "release", e.code).inc()
-        raise
-    metrics.child(metrics.TRANSITIONS, "release", "replayed" if r.replayed else "ok").inc()
+        ),
+    )
     return convert.reservation(r)
 
 
@@ -175,14 +182,12 @@ async def fulfil(
         FulfilLine(ln.sku, ln.location, ln.shipped, ln.short, ln.release_remainder)
         for ln in body.lines
     ]
-    try:
-        r = await core_of(request).fulfil(
+    r = await _counted(
+        "fulfil",
+        core_of(request).fulfil(
             reservation_id, lines, fulfilment_id=body.fulfilment_id, actor=who.key_id, source="api"
-        )
-    except ATPError as e:
-        metrics.child(metrics.TRANSITIONS, "fulfil", e.code).inc()
-        raise
-    metrics.child(metrics.TRANSITIONS, "fulfil", "replayed" if r.replayed else "ok").inc()
+        ),
+    )
     if not r.replayed:
         metrics.UNITS_SHIPPED.inc(sum(ln.shipped for ln in body.lines))
         shorts = [ln.short for ln in body.lines if ln.short]
