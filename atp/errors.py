@@ -4,11 +4,15 @@
 
     ATPError                          anything the core raises on purpose
     ├── InvalidRequest                bad input: nothing was written (I7)
+    │   ├── InvalidRules              a rules document that does not validate
+    │   ├── CustomerRequired          a buyer limit applies and no customer_id was given
+    │   └── NoRoute                   a line without a location, and no routing for it
     ├── NotFound
     │   ├── UnknownReservation
     │   └── UnknownPosition           a call named a position that does not exist
     ├── Refused                       a valid request the current state says no to
     │   ├── InsufficientStock         not enough available to promise (carries the lines)
+    │   ├── BuyerLimitExceeded        the customer would hold more than the SKU's buyer limit
     │   ├── NegativeOnHand            on_hand would drop below zero
     │   ├── OverFulfil                more shipped/short than the line has open
     │   ├── UnknownLine               a fulfil line the reservation does not have
@@ -18,8 +22,10 @@
     │       ├── AlreadyFulfilled
     │       └── NotConfirmed
     ├── IdempotencyConflict           the same id was used for a different request (I3)
+    ├── RulesVersionConflict          a rules change based on a version no longer current
     ├── WrongChannel                  the reservation belongs to a channel the caller may not touch
     └── BackendError                  Redis or a script misbehaved: a bug or an outage
+        └── RulesStale                a bucket kept enforcing another rules version (retried)
 
 Every error has a stable ``code`` (the problem type the HTTP layer maps) and a ``detail``.
 """
@@ -33,16 +39,22 @@ __all__ = [
     "AlreadyFulfilled",
     "AlreadyReleased",
     "BackendError",
+    "BuyerLimitExceeded",
+    "CustomerRequired",
     "HoldExpired",
     "IdempotencyConflict",
     "InsufficientStock",
     "InvalidRequest",
+    "InvalidRules",
     "InvalidTransition",
     "NegativeOnHand",
+    "NoRoute",
     "NotConfirmed",
     "NotFound",
     "OverFulfil",
     "Refused",
+    "RulesStale",
+    "RulesVersionConflict",
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",
@@ -69,6 +81,30 @@ class InvalidRequest(ATPError):
         self.field = field
 
 
+class InvalidRules(InvalidRequest):
+    code = "invalid_rules"
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """Each problem: ``loc`` (the path in the document) and ``msg``."""
+        errors: list[dict[str, Any]] = self.extra.get("errors", [])
+        return errors
+
+
+class CustomerRequired(InvalidRequest):
+    code = "customer_required"
+
+    def __init__(self, detail: str, field: str | None = "customer_id", **extra: Any) -> None:
+        super().__init__(detail, field, **extra)
+
+
+class NoRoute(InvalidRequest):
+    code = "no_route"
+
+    def __init__(self, detail: str, field: str | None = "location", **extra: Any) -> None:
+        super().__init__(detail, field, **extra)
+
+
 class NotFound(ATPError):
     code = "not_found"
 
@@ -92,6 +128,10 @@ class InsufficientStock(Refused):
     def lines(self) -> list[dict[str, Any]]:
         lines: list[dict[str, Any]] = self.extra.get("lines", [])
         return lines
+
+
+class BuyerLimitExceeded(Refused):
+    code = "buyer_limit_exceeded"
 
 
 class NegativeOnHand(Refused):
@@ -130,12 +170,20 @@ class IdempotencyConflict(ATPError):
     code = "idempotency_conflict"
 
 
+class RulesVersionConflict(ATPError):
+    code = "rules_version_conflict"
+
+
 class WrongChannel(ATPError):
     code = "wrong_channel"
 
 
 class BackendError(ATPError):
     code = "backend_error"
+
+
+class RulesStale(BackendError):
+    code = "rules_stale"
 
 
 # The scripts' refusal codes, decoded in one place (atp.scripts.decode).
@@ -152,4 +200,8 @@ SCRIPT_ERRORS: dict[str, type[ATPError]] = {
     "fulfilled": AlreadyFulfilled,
     "not_confirmed": NotConfirmed,
     "conflict": IdempotencyConflict,
+    "buyer_limit": BuyerLimitExceeded,
+    "customer_required": CustomerRequired,
+    "rules_stale": RulesStale,
+    "version_conflict": RulesVersionConflict,
 }

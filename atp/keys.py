@@ -17,15 +17,26 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 this position (reserve reclaims expired ones here)
 ``{p b}:log:<sku>|<loc>``       stream: the position's movement log (I5), append-only,
                                 trimmed to a retention length
+``{p b}:lx:<sku>|<loc>``        zset, all scores 0: the live reservations on this
+                                position, ``<channel>:<0 held|1 confirmed>:<newest
+                                first>:<id>``, walked per channel by the shortage rule
+``{p b}:sku:<sku>``             hash: the SKU's commitments over all its locations,
+                                ``ch:<channel>`` (caps) and ``cu:<customer>`` (buyer
+                                limits)
 ``{p b}:res``                   hash: reservation id -> JSON of that reservation's
                                 *part* in this bucket (its lines on this bucket's SKUs)
 ``{p b}:holds``                 zset: reservation id -> expiry, parts held here (worker)
 ``{p b}:events``                stream: the bucket's outbox (reserved, released, …)
 ``{p b}:stats``                 hash: ``committed`` and ``held`` units of the bucket's
-                                reservations (kept by the scripts, read by /metrics)
+                                reservations (kept by the scripts, read by /metrics),
+                                and ``rv``, the allocation rules version the bucket
+                                enforces (atp.rules)
 ``{p h}:rix``                   hash, in the *home* bucket ``h = bucket(reservation id)``:
                                 reservation id -> JSON index (fingerprint, parts, lines)
 ==============================  =====================================================
+
+and, outside the buckets, ``{<p>rules}:doc`` (the allocation rules in force, with their
+version) and ``{<p>rules}:history`` (earlier versions).
 
 Why buckets:
 
@@ -64,11 +75,22 @@ __all__ = ["KeySpace", "PositionKeys"]
 
 @dataclass(frozen=True, slots=True)
 class PositionKeys:
-    """The three keys of one (SKU, location) position."""
+    """The keys of one (SKU, location) position, and of its SKU's totals (``sku``)."""
 
     pos: str
     hx: str
     log: str
+    lx: str
+    sku: str
+
+    def line(self) -> tuple[str, str, str, str, str]:
+        """A reservation line's keys in the scripts' order (``part_keys`` in lua/_lib.lua):
+        the SKU's totals, then the position's four keys."""
+        return (self.sku, self.pos, self.hx, self.log, self.lx)
+
+    def candidate(self) -> tuple[str, str, str, str]:
+        """One candidate location of a routed line: the position's four keys."""
+        return (self.pos, self.hx, self.log, self.lx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +131,25 @@ class KeySpace:
     def position(self, sku: str, location: str) -> PositionKeys:
         t = self._tag_cache[_crc(sku) % self.buckets]
         suffix = f"{sku}|{location}"
-        return PositionKeys(f"{t}:pos:{suffix}", f"{t}:hx:{suffix}", f"{t}:log:{suffix}")
+        return PositionKeys(
+            f"{t}:pos:{suffix}",
+            f"{t}:hx:{suffix}",
+            f"{t}:log:{suffix}",
+            f"{t}:lx:{suffix}",
+            f"{t}:sku:{sku}",
+        )
+
+    def sku(self, sku: str) -> str:
+        """The SKU's totals over all its locations (committed per channel and customer)."""
+        return f"{self._tag_cache[_crc(sku) % self.buckets]}:sku:{sku}"
+
+    def rules_doc(self) -> str:
+        """The allocation rules in force: hash {version, doc, at, actor}."""
+        return f"{{{self.prefix}rules}}:doc"
+
+    def rules_history(self) -> str:
+        """Earlier rules versions: hash version -> JSON {doc, at, actor}."""
+        return f"{{{self.prefix}rules}}:history"
 
     def bucket_keys(self, bucket: int) -> BucketKeys:
         t = self._tag_cache[bucket]

@@ -13,6 +13,7 @@ __all__ = [
     "IDENT_RE",
     "Availability",
     "ExpireResult",
+    "Explanation",
     "FulfilLine",
     "Line",
     "Movement",
@@ -27,6 +28,9 @@ __all__ = [
 IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}")
 RESERVATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# customer ids (buyer limits) may be emails; still nothing JSON would escape
+CUSTOMER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,127}")
+REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,31}")
 
 Status = Literal["held", "confirmed", "fulfilled", "released", "expired"]
 
@@ -60,6 +64,25 @@ def check_reservation_id(value: object) -> str:
     return value
 
 
+def check_customer(value: object) -> str:
+    if not isinstance(value, str) or not CUSTOMER_RE.fullmatch(value):
+        raise InvalidRequest(
+            "customer_id must be 1-128 ASCII letters, digits or . _ : @ + - (starting with a "
+            f"letter or digit), got {value!r:.80}",
+            field="customer_id",
+        )
+    return value
+
+
+def check_region(value: object) -> str:
+    if not isinstance(value, str) or not REGION_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"region must be 1-32 ASCII letters, digits, _ or -, got {value!r:.80}",
+            field="region",
+        )
+    return value
+
+
 def check_int(value: object, what: str, lo: int, hi: int) -> int:
     # bool is an int subclass; True is not a quantity
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
@@ -88,10 +111,11 @@ def ms_to_dt(ms: int | float) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Line:
-    """One line of a reservation request."""
+    """One line of a reservation request. ``location=None`` routes the line by the
+    channel's locations (atp.rules)."""
 
     sku: str
-    location: str
+    location: str | None
     qty: int
 
 
@@ -134,6 +158,9 @@ class Reservation:
     updated_at: datetime
     replayed: bool = False
     """True when this call changed nothing and returned the stored outcome (I3)."""
+    customer_id: str | None = None
+    rules_version: int = 0
+    """The allocation rules version that decided the reservation (atp.rules)."""
 
     @property
     def open_units(self) -> int:
@@ -159,6 +186,8 @@ class Reservation:
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "updated_at": self.updated_at.isoformat(),
+            "customer_id": self.customer_id,
+            "rules_version": self.rules_version,
         }
 
 
@@ -184,6 +213,54 @@ class Availability:
     channel: str
     atp: int
     exists: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HoldSoon:
+    """A hold on the position that expires within the explanation's window."""
+
+    reservation_id: str
+    channel: str
+    qty: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why ATP is what it is, for one channel at one position: the figures the reserving
+    script decides with (lua/explain.lua shares its helpers with lua/reserve.lua).
+
+    ``atp = max(0, min(position_atp, cap_left, buyer_left))`` with
+    ``position_atp = on_hand - committed - safety_stock - protected_for_others_total``;
+    ``committed`` already leaves out ``expired_holds_reclaimable`` (units of lapsed holds
+    the next reserve reclaims before deciding).
+    """
+
+    sku: str
+    location: str
+    channel: str
+    customer_id: str | None
+    rules_version: int
+    atp: int
+    limited_by: str | None
+    position_atp: int
+    on_hand: int
+    committed: int
+    committed_by_channel: dict[str, int]
+    safety_stock: int
+    expired_holds_reclaimable: int
+    protected_for_others: dict[str, int]
+    protected_for_others_total: int
+    cap: int | None
+    cap_used: int | None
+    cap_left: int | None
+    buyer_limit: int | None
+    buyer_used: int | None
+    buyer_left: int | None
+    holds_expiring_window_seconds: float
+    holds_expiring_count: int
+    holds_expiring: tuple[HoldSoon, ...]
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)

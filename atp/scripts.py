@@ -33,6 +33,9 @@ NAMES = (
     "set_position",
     "adjust",
     "receive",
+    "explain",
+    "rules_apply",
+    "rules_bump",
     "noop",
 )
 _INCLUDE = re.compile(r'^--- @include "([a-z_]+)"\s*$', re.MULTILINE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Collection, Iterable, Sequence
 from datetime import timedelta
 from functools import lru_cache
@@ -21,7 +22,9 @@ from .errors import (
     HoldExpired,
     IdempotencyConflict,
     InvalidRequest,
+    NoRoute,
     OverFulfil,
+    RulesStale,
     UnknownLine,
     UnknownReservation,
     WrongChannel,
@@ -30,7 +33,9 @@ from .keys import KeySpace
 from .models import (
     Availability,
     ExpireResult,
+    Explanation,
     FulfilLine,
+    HoldSoon,
     Line,
     Movement,
     Position,
@@ -38,18 +43,24 @@ from .models import (
     ReservationLine,
     Status,
     check_channel,
+    check_customer,
     check_ident,
     check_int,
+    check_region,
     check_reservation_id,
     check_text,
     ms_to_dt,
 )
+from .rules import EMPTY_RULES, Rules, RulesDocument, document_json, parse_rules, rules_from_stored
 from .scripts import AutoPipeline, ScriptRunner, decode
 from .settings import Settings
 
 __all__ = ["ATP"]
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# a call refused as `rules_stale` reloads the rules and tries again, this many times in all
+_RULES_TRIES = 5
+_RULES_KEEP = 100  # earlier rules versions kept in {prefix rules}:history
 
 
 class ATP:
@@ -84,7 +95,11 @@ class ATP:
         self._cfg_cached = lru_cache(maxsize=1024)(self._make_cfg)
         # key names for the reserve path, built by self.keys once and then reused
         self._bucket_keys = lru_cache(maxsize=None)(self._make_bucket_keys)  # <= buckets entries
-        self._position_keys = lru_cache(maxsize=16384)(self._make_position_keys)
+        self._line_keys = lru_cache(maxsize=16384)(self._make_line_keys)
+        # the allocation rules this process resolves requests with; the scripts refuse a
+        # request resolved with another version than their bucket's (atp.rules)
+        self._rules: Rules = EMPTY_RULES
+        self._rules_checked = 0.0
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None, **kwargs: Any) -> ATP:
@@ -92,8 +107,10 @@ class ATP:
         return cls(Redis.from_url(url, **kwargs), settings)
 
     async def start(self) -> None:
-        """Load the scripts into the server (they also load lazily on NOSCRIPT)."""
+        """Load the scripts into the server (they also load lazily on NOSCRIPT) and read
+        the allocation rules in force."""
         await self.scripts.load(self.redis)
+        await self.rules(max_age=0)
 
     async def ready(self) -> bool:
         """Redis answers and every script is loaded (loading any that are missing)."""
@@ -138,12 +155,11 @@ class ATP:
         for b, lines in parts:
             keys += self._bucket_keys(b)
             for ln in lines:
-                keys += self._position_keys(ln[0], ln[1])
+                keys += self._line_keys(ln[0], ln[1])
         return keys
 
-    def _make_position_keys(self, sku: str, location: str) -> tuple[str, str, str]:
-        pk = self.keys.position(sku, location)
-        return (pk.pos, pk.hx, pk.log)
+    def _make_line_keys(self, sku: str, location: str) -> tuple[str, str, str, str, str]:
+        return self.keys.position(sku, location).line()
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._pipe is not None:
@@ -181,12 +197,12 @@ class ATP:
         if safety_stock is not None:
             check_int(safety_stock, "safety_stock", 0, m)
         check_text(reason, "reason")
-        k = self.keys.position(sku, location)
         req: dict[str, Any] = {"sku": sku, "loc": location, "on_hand": on_hand, "reason": reason}
         if safety_stock is not None:
             req["safety_stock"] = safety_stock
+        await self._with_priorities(req)
         out = await self._run(
-            "set_position", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+            "set_position", self._cover_keys(sku, location), self._cfg(actor, source), req
         )
         return _position(sku, location, out["position"])
 
@@ -211,10 +227,11 @@ class ATP:
             raise InvalidRequest("delta must not be zero", field="delta")
         check_text(reason, "reason")
         check_text(reference, "reference", required=False)
-        k = self.keys.position(sku, location)
         req = {"sku": sku, "loc": location, "delta": delta, "reason": reason, "ref": reference}
+        if delta < 0:
+            await self._with_priorities(req)
         out = await self._run(
-            "adjust", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+            "adjust", self._cover_keys(sku, location), self._cfg(actor, source), req
         )
         return _position(sku, location, out["position"])
 
@@ -250,26 +267,150 @@ class ATP:
         return _position(sku, location, _hash_to_pos(flat))
 
     async def availability(
-        self, items: Iterable[tuple[str, str]], channel: str
+        self, items: Iterable[tuple[str, str]], channel: str, *, customer_id: str | None = None
     ) -> list[Availability]:
-        """ATP for ``channel`` at many positions in one round trip (for listing pages).
-        A position that does not exist has ATP 0 and ``exists=False``."""
+        """ATP for ``channel`` at many positions in one round trip (for listing pages), as
+        reserve would decide it: protections, the channel's cap and, with ``customer_id``,
+        the buyer limit (lua/explain.lua). A position that does not exist has ATP 0 and
+        ``exists=False``."""
         check_channel(channel)
+        if customer_id is not None:
+            check_customer(customer_id)
         pairs = list(items)
-        pipe = self.redis.pipeline(transaction=False)
         for sku, loc in pairs:
             check_ident(sku, "sku")
             check_ident(loc, "location")
-            pipe.hmget(self.keys.position(sku, loc).pos, "on_hand", "committed", "safety_stock")
-        rows = await pipe.execute() if pairs else []
-        out = []
-        for (sku, loc), (oh, cm, ss) in zip(pairs, rows, strict=True):
-            if oh is None:
-                out.append(Availability(sku, loc, channel, 0, exists=False))
-            else:
-                atp = int(oh) - int(cm or 0) - int(ss or 0)
-                out.append(Availability(sku, loc, channel, max(0, atp)))
-        return out
+        rows = await self._explain(pairs, channel, customer_id, brief=True) if pairs else []
+        return [
+            Availability(sku, loc, channel, int(r["atp"])) if r["exists"]
+            else Availability(sku, loc, channel, 0, exists=False)
+            for (sku, loc), r in zip(pairs, rows, strict=True)
+        ]  # fmt: skip
+
+    async def explain(
+        self,
+        sku: str,
+        location: str,
+        channel: str,
+        *,
+        customer_id: str | None = None,
+        soon_seconds: int = 300,
+    ) -> Explanation | None:
+        """Why ATP is what it is for ``channel`` at one position: the breakdown the
+        reserving script decides with (see :class:`~atp.models.Explanation`). ``None``
+        when the position does not exist.
+
+        :param customer_id: also show the buyer limit left for this customer.
+        :param soon_seconds: list holds that expire within this many seconds (1..86400).
+        """
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        check_channel(channel)
+        if customer_id is not None:
+            check_customer(customer_id)
+        check_int(soon_seconds, "soon_seconds", 1, 86_400)
+        (r,) = await self._explain(
+            [(sku, location)], channel, customer_id, soon_ms=soon_seconds * 1000
+        )
+        if not r["exists"]:
+            return None
+        rv = r.pop("rv")
+        return Explanation(
+            sku=sku,
+            location=location,
+            channel=channel,
+            customer_id=customer_id,
+            rules_version=rv,
+            atp=r["atp"],
+            limited_by=r.get("limited_by"),
+            position_atp=r["position_atp"],
+            on_hand=r["on_hand"],
+            committed=r["committed"],
+            committed_by_channel=_int_map(r["committed_by_channel"]),
+            safety_stock=r["safety_stock"],
+            expired_holds_reclaimable=r["expired_holds_reclaimable"],
+            protected_for_others=_int_map(r["protected_for_others"]),
+            protected_for_others_total=r["protected_for_others_total"],
+            cap=r.get("cap"),
+            cap_used=r.get("cap_used"),
+            cap_left=r.get("cap_left"),
+            buyer_limit=r.get("bl"),
+            buyer_used=r.get("buyer_used"),
+            buyer_left=r.get("buyer_left"),
+            holds_expiring_window_seconds=soon_seconds,
+            holds_expiring_count=int(r["holds_expiring_soon"]["count"]),
+            holds_expiring=tuple(
+                HoldSoon(
+                    h["reservation_id"], h["channel"], int(h["qty"]), ms_to_dt(h["expires_at"])
+                )
+                for h in r["holds_expiring_soon"]["holds"] or []
+            ),
+            at=ms_to_dt(r.pop("now")),
+        )
+
+    async def _explain(
+        self,
+        pairs: list[tuple[str, str]],
+        channel: str,
+        customer_id: str | None,
+        *,
+        brief: bool = False,
+        soon_ms: int = 300_000,
+    ) -> list[dict[str, Any]]:
+        """Run explain.lua over ``pairs``: one call on one server, one per bucket on a
+        cluster; retried with fresh rules when a bucket enforces another version."""
+        cfg = _dumps({"reclaim": self.settings.reclaim_batch, "soon": soon_ms, "list": 20})
+        for _ in range(_RULES_TRIES):
+            rules = self._rules
+            groups: dict[int, list[int]] = {}
+            for i, (sku, _loc) in enumerate(pairs):
+                groups.setdefault(0 if not self.cluster else self.keys.bucket(sku), []).append(i)
+            calls = []
+            for idxs in groups.values():
+                keys: list[str] = []
+                items = []
+                for i in idxs:
+                    sku, loc = pairs[i]
+                    b = self.keys.bucket(sku)
+                    lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx
+                    bk = self._bucket_keys(b)  # res, holds, events, stats
+                    keys += (bk[3], bk[0], lk[1], lk[2], lk[0])
+                    item: dict[str, Any] = {"sku": sku, "loc": loc}
+                    if rules.version:
+                        pr = rules.protections(sku, loc)
+                        if pr:
+                            item["pr"] = pr
+                        cap = rules.cap(sku, channel)
+                        if cap is not None:
+                            item["cap"] = cap
+                        bl = rules.buyer_limit(sku)
+                        if bl is not None:
+                            item["bl"] = bl
+                    items.append(item)
+                req: dict[str, Any] = {
+                    "rv": rules.version,
+                    "ch": channel,
+                    "brief": brief,
+                    "items": items,
+                }
+                if customer_id is not None:
+                    req["cu"] = customer_id
+                calls.append((idxs, keys, req))
+            try:
+                outs = [await self._run("explain", k, cfg, r) for _, k, r in calls]
+            except RulesStale:
+                await self._rules_caught_up({self.keys.bucket(sku): [] for sku, _ in pairs})
+                continue
+            rows: list[dict[str, Any]] = [{}] * len(pairs)
+            for (idxs, _, req), out in zip(calls, outs, strict=True):
+                for i, item, row in zip(idxs, req["items"], out["items"], strict=True):
+                    if row.get("exists"):
+                        row["rv"] = rules.version
+                        row["now"] = out["now"]
+                        row["bl"] = item.get("bl")
+                    rows[i] = row
+            return rows
+        raise RulesStale("the allocation rules kept changing; try again")
 
     async def movements(
         self, sku: str, location: str, *, count: int = 100, before: str | None = None
@@ -290,39 +431,151 @@ class ATP:
         )
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
+    # -- allocation rules ------------------------------------------------------------------
+
+    async def rules(self, *, max_age: float | None = None) -> Rules:
+        """The allocation rules in force (atp.rules). Cached: the stored version is checked
+        when the cache is older than ``max_age`` seconds (``settings.key_refresh_seconds``
+        by default) and the document re-read when it moved. Reserving never waits on this:
+        the script refuses a request resolved with another version, and it is retried."""
+        age = self.settings.key_refresh_seconds if max_age is None else max_age
+        now = time.monotonic()
+        if now - self._rules_checked < age:
+            return self._rules
+        key = self.keys.rules_doc()
+        version = int(await self.redis.hget(key, "version") or 0)
+        if version != self._rules.version:
+            v, doc, at, actor = await self.redis.hmget(key, "version", "doc", "at", "actor")
+            rules = rules_from_stored(int(v or 0), doc, int(at or 0), _s(actor or ""))
+            if rules.version >= self._rules.version or rules.version == 0:
+                self._rules = rules
+        self._rules_checked = now
+        return self._rules
+
+    async def apply_rules(
+        self,
+        document: RulesDocument | dict[str, Any] | str,
+        *,
+        expect_version: int | None = None,
+        actor: str = "",
+    ) -> Rules:
+        """Validate and apply a rules document as the next version. It is in force for
+        every process from the moment this returns (atp.rules explains how).
+
+        :param expect_version: apply only if the version in force is this one, else
+            :class:`~atp.errors.RulesVersionConflict` (for read-modify-write editors).
+        :raises InvalidRules: with every problem found.
+        """
+        doc = parse_rules(document)
+        if expect_version is not None:
+            check_int(expect_version, "expect_version", 0, 10**15)
+        check_text(actor, "actor", 128, required=False)
+        keys = [self.keys.rules_doc(), self.keys.rules_history()]
+        if not self.cluster:  # every bucket moves in the same script
+            keys += [self._bucket_keys(b)[3] for b in range(self.keys.buckets)]
+        req = {
+            "doc": document_json(doc),
+            "expect": -1 if expect_version is None else expect_version,
+            "actor": actor,
+        }
+        out = await self._run("rules_apply", keys, _dumps({"keep": _RULES_KEEP}), req)
+        version = int(out["version"])
+        if self.cluster:
+            await self._bump_buckets(range(self.keys.buckets), version)
+        rules = Rules(version, doc, ms_to_dt(out["at"]), actor)
+        self._rules = rules
+        self._rules_checked = time.monotonic()
+        return rules
+
+    async def rules_version(self, version: int) -> Rules | None:
+        """An earlier (or the current) rules version as it was applied, or ``None`` when it
+        is not kept (the last 100 are)."""
+        check_int(version, "version", 1, 10**15)
+        raw = await self.redis.hget(self.keys.rules_history(), str(version))
+        if raw is None:
+            return None
+        h = json.loads(raw)
+        return rules_from_stored(version, h["doc"], int(h["at"]), h.get("actor", ""))
+
+    async def _rules_caught_up(self, buckets: Iterable[int]) -> None:
+        """A script said a bucket enforces another rules version: re-read the rules, and
+        move buckets still behind them (an apply on a cluster that is under way, or was
+        interrupted, finishes here)."""
+        rules = await self.rules(max_age=0)
+        if rules.version:
+            await self._bump_buckets(buckets, rules.version)
+
+    async def _bump_buckets(self, buckets: Iterable[int], version: int) -> None:
+        req = _dumps({"version": version})
+        for b in sorted(set(buckets)):
+            await self._call("rules_bump", (self._bucket_keys(b)[3],), ("{}", req))
+
+    async def _with_priorities(self, req: dict[str, Any]) -> None:
+        """Add the channel priorities the shortage rule ranks by (when rules are applied)."""
+        rules = await self.rules()
+        if rules.version:
+            req["prio"] = rules.priorities()
+
+    def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
+        """KEYS of set_position and adjust: pos, log, events, lx, res."""
+        _, pos, _, log, lx = self._line_keys(sku, location)
+        res, _, events, _ = self._bucket_keys(self.keys.bucket(sku))
+        return (pos, log, events, lx, res)
+
     # -- reservations ----------------------------------------------------------------------
 
     async def reserve(
         self,
         reservation_id: str,
         channel: str,
-        lines: Sequence[Line | tuple[str, str, int]],
+        lines: Sequence[Line | tuple[str, str | None, int]],
         *,
         hold_seconds: int | None = None,
+        customer_id: str | None = None,
+        region: str | None = None,
+        allow_split: bool | None = None,
         actor: str = "",
         source: str = "",
     ) -> Reservation:
-        """Reserve every line for ``channel``, all or nothing (I1, I4), idempotently (I3).
+        """Reserve every line for ``channel``, all or nothing (I1, I4), idempotently (I3),
+        under the allocation rules in force (I6, atp.rules).
 
         :param reservation_id: caller-chosen id; a retry with the same request returns the
             original outcome (``replayed=True``); a different request raises
             :class:`~atp.errors.IdempotencyConflict`.
-        :param lines: (sku, location, qty) per line; one line per position.
+        :param lines: (sku, location, qty) per line; one line per position. A location of
+            ``None`` routes the line over the channel's locations (then it must be the only
+            line of its SKU); the result names the location(s) that took it.
         :param hold_seconds: a hold that expires by itself (``held``); 0 confirms at once;
             ``None`` takes ``settings.default_hold_seconds``.
-        :raises InsufficientStock: with ``lines`` saying requested and available.
+        :param customer_id: the buyer, for buyer limits (required on a SKU that has one).
+        :param region: picks the channel's location list for that region, when it has one.
+        :param allow_split: may a routed line be split over locations when none holds it
+            whole; ``None`` takes the channel's rule.
+        :raises InsufficientStock: with ``lines`` saying requested, available and what
+            limited it (``stock``, ``protection`` or ``cap``).
+        :raises BuyerLimitExceeded: the customer would hold more than the SKU's limit.
+        :raises CustomerRequired: a line's SKU has a buyer limit and no customer was given.
+        :raises NoRoute: a line without a location, and the channel has no locations.
         """
         s = self.settings
         check_reservation_id(reservation_id)
         check_channel(channel)
         hold = s.default_hold_seconds if hold_seconds is None else hold_seconds
         check_int(hold, "hold_seconds", 0, s.max_hold_seconds)
+        if customer_id is not None:
+            check_customer(customer_id)
+        if region is not None:
+            check_region(region)
+        if allow_split is not None and not isinstance(allow_split, bool):
+            raise InvalidRequest("allow_split must be true or false", field="allow_split")
         if not lines:
             raise InvalidRequest("a reservation needs at least one line", field="lines")
         if len(lines) > s.max_lines:
             raise InvalidRequest(f"at most {s.max_lines} lines", field="lines")
-        parts: dict[int, list[tuple[str, str, int]]] = {}
-        seen: set[tuple[str, str]] = set()
+        parts: dict[int, list[tuple[str, str | None, int]]] = {}
+        seen: set[tuple[str, str | None]] = set()
+        routed: set[str] = set()
         for raw in lines:
             try:
                 sku, loc, qty = (raw.sku, raw.location, raw.qty) if isinstance(raw, Line) else raw
@@ -331,30 +584,123 @@ class ATP:
                     f"each line is (sku, location, qty), got {raw!r:.80}", field="lines"
                 ) from None
             check_ident(sku, "sku")
-            check_ident(loc, "location")
+            if loc is not None:
+                check_ident(loc, "location")
             check_int(qty, "qty", 1, s.max_line_qty)
             if (sku, loc) in seen:
-                raise InvalidRequest(f"two lines for {sku} at {loc}; use one line", field="lines")
+                where = f"at {loc}" if loc else "without a location"
+                raise InvalidRequest(f"two lines for {sku} {where}; use one line", field="lines")
+            if loc is None:
+                routed.add(sku)
             seen.add((sku, loc))
             parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
+        for sku in sorted(routed):
+            if sum(1 for k, _ in seen if k == sku) > 1:
+                raise InvalidRequest(
+                    f"a line without a location must be the only line for its SKU ({sku})",
+                    field="lines",
+                )
         # The hot path: the JSON argument and the fingerprint are written directly, not
         # through json. That is exact because every string in them has passed the checks
-        # above (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE: ASCII, no quote, backslash or
-        # control character, so nothing JSON escapes) and every number is a checked int;
-        # the text is byte-for-byte what _dumps gives (tests/test_reserve_wire.py).
-        all_lines = sorted(ln for plines in parts.values() for ln in plines)
-        fp = _fingerprint_text(_reserve_fp_json(channel, hold, all_lines))
-        if self.cluster:
-            cfg = self._cfg(actor, source)
-            return await self._reserve_cluster(reservation_id, channel, hold, fp, parts, cfg)
-        keys = self._keys(self.keys.index(reservation_id), parts.items())
-        home = self.keys.bucket(reservation_id)
-        req = _reserve_req_json(reservation_id, channel, hold * 1000, fp, home, parts)
+        # above (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE, CUSTOMER_RE, REGION_RE: ASCII, no
+        # quote, backslash or control character, so nothing JSON escapes) and every number
+        # is a checked int; the text is byte-for-byte what _dumps gives
+        # (tests/test_reserve_wire.py).
+        all_lines = sorted(
+            (sku, loc or "", qty) for plines in parts.values() for sku, loc, qty in plines
+        )
+        fp = _fingerprint_text(
+            _reserve_fp_json(channel, hold, all_lines, customer_id, region, allow_split)
+        )
         cfg = self._cfg(actor, source)
-        out = decode(await self._call("reserve", keys, (cfg, req)))
-        if out["replay"]:
-            return _original(_reservation(out), hold)
-        return _fresh(reservation_id, channel, parts, out["st"], out["cr"], out["ex"])
+        for _ in range(_RULES_TRIES):
+            rules = self._rules
+            try:
+                specs = {
+                    b: [self._line_spec(rules, channel, region, allow_split, ln) for ln in pl]
+                    for b, pl in parts.items()
+                }
+                if self.cluster:
+                    return await self._reserve_cluster(
+                        reservation_id, channel, hold, fp, specs, customer_id, rules.version, cfg
+                    )
+                keys = self._spec_keys(self.keys.index(reservation_id), specs)
+                home = self.keys.bucket(reservation_id)
+                req = _reserve_req_json(
+                    reservation_id,
+                    channel,
+                    hold * 1000,
+                    fp,
+                    home,
+                    rules.version,
+                    customer_id,
+                    specs,
+                )
+                out = decode(await self._call("reserve", keys, (cfg, req)))
+            except RulesStale:
+                await self._rules_caught_up(parts)
+                continue
+            if out["replay"]:
+                return _original(_reservation(out), hold)
+            return _fresh(reservation_id, channel, specs, out, customer_id)
+        raise RulesStale("the allocation rules kept changing; try again")
+
+    def _line_spec(
+        self,
+        rules: Rules,
+        channel: str,
+        region: str | None,
+        allow_split: bool | None,
+        line: tuple[str, str | None, int],
+    ) -> _Spec:
+        """What the reserving script needs of one line under ``rules``: its candidate
+        locations, the protections at each, the channel's cap and the buyer limit."""
+        sku, loc, qty = line
+        if rules.version == 0:
+            if loc is None:
+                raise NoRoute(
+                    f"line {sku} names no location and no allocation rules are applied to "
+                    "route it; give a location"
+                )
+            return (sku, loc, qty, None, False, None, None, None)
+        cands: tuple[str, ...] | None = None
+        split = False
+        if loc is None:
+            cands = rules.route(channel, None if region is None else region)
+            if not cands:
+                raise NoRoute(
+                    f"line {sku} names no location and channel {channel} has no locations "
+                    "to route it to; give a location"
+                )
+            split = rules.allow_split(channel) if allow_split is None else allow_split
+            prs = [rules.protections(sku, c) for c in cands]
+        else:
+            prs = [rules.protections(sku, loc)]
+        return (
+            sku,
+            loc,
+            qty,
+            cands,
+            split,
+            prs if any(prs) else None,
+            rules.cap(sku, channel),
+            rules.buyer_limit(sku),
+        )
+
+    def _spec_keys(self, index_key: str | None, specs: dict[int, list[_Spec]]) -> list[str]:
+        """KEYS of reserve (``part_keys`` in lua/_lib.lua): a routed line brings the keys of
+        every candidate location."""
+        keys = [index_key] if index_key else []
+        for b, sp in specs.items():
+            keys += self._bucket_keys(b)
+            for sku, loc, _, cands, *_ in sp:
+                if cands is None:
+                    keys += self._line_keys(sku, loc)
+                else:
+                    keys.append(self.keys.sku(sku))
+                    for c in cands:
+                        keys += self._line_keys(sku, c)[1:]
+        return keys
 
     async def confirm(
         self,
@@ -450,6 +796,8 @@ class ATP:
             "ffp": ffp,
             "lines": flines,
         }
+        if any(f["short"] for f in flines):
+            await self._with_priorities(req)
         return _reservation(await self._apply("fulfil", keys, self._cfg(actor, source), req))
 
     async def reservation(
@@ -502,8 +850,7 @@ class ATP:
                     continue
                 rec = json.loads(raw)
                 for ln in rec["lines"]:
-                    pk = self.keys.position(ln["sku"], ln["loc"])
-                    keys += (pk.pos, pk.hx, pk.log)
+                    keys += self._line_keys(ln["sku"], ln["loc"])
                 cands.append({"id": rid, "n": len(rec["lines"])})
             # a part that vanished cannot be reclaimed; drop its stale queue entry directly
             stale = [c["id"] for c in cands if c["n"] == 0]
@@ -532,18 +879,21 @@ class ATP:
         channel: str,
         hold: int,
         fp: str,
-        parts: dict[int, list[tuple[str, str, int]]],
+        specs: dict[int, list[_Spec]],
+        customer: str | None,
+        rv: int,
         cfg: str,
     ) -> Reservation:
         idx_key = self.keys.index(rid)
-        index = {
+        index: dict[str, Any] = {
             "fp": fp,
             "ch": channel,
-            "parts": [
-                {"b": b, "lines": [[sku, loc] for sku, loc, _ in pl]} for b, pl in parts.items()
-            ],
+            # a routed line's location is known once its part is taken
+            "parts": [{"b": b, "lines": [[sp[0], sp[1]] for sp in sl]} for b, sl in specs.items()],
             "state": "pending",
         }
+        if customer is not None:
+            index["cu"] = customer
         if not await self.redis.hsetnx(idx_key, rid, _dumps(index)):
             raw = await self.redis.hget(idx_key, rid)
             prior = json.loads(raw) if raw is not None else None
@@ -555,24 +905,26 @@ class ATP:
             # replay and whose missing parts are taken now
         taken: list[tuple[int, int, list[str]]] = []
         outs: list[dict[str, Any]] = []
-        for b, pl in parts.items():
-            keys = self._keys(None, [(b, pl)])
-            req = {
-                "id": rid, "ch": channel, "hold": hold * 1000, "fp": fp, "idx": False,
-                "home": self.keys.bucket(rid),
-                "parts": [{
-                    "b": b, "n": len(pl),
-                    "lines": [{"sku": s, "loc": lo, "qty": q} for s, lo, q in pl],
-                }],
-            }  # fmt: skip
+        home = self.keys.bucket(rid)
+        for b, sl in specs.items():
+            keys = self._spec_keys(None, {b: sl})
+            req = _reserve_req_json(
+                rid, channel, hold * 1000, fp, home, rv, customer, {b: sl}, idx=False
+            )
             try:
-                outs.append(await self._run("reserve", keys, cfg, req))
+                out = decode(await self._call("reserve", keys, (cfg, req)))
             except ATPError:
                 await self._rollback(rid, taken, cfg)
                 await self.redis.hdel(idx_key, rid)
                 raise
-            taken.append((b, len(pl), keys))
+            outs.append(out)
+            got = _part_lines(out, sl)
+            taken.append((b, len(got), self._keys(None, [(b, got)])))
         index["state"] = "done"
+        index["parts"] = [
+            {"b": b, "lines": [[sku, loc] for sku, loc, _ in _part_lines(o, sl)]}
+            for (b, sl), o in zip(specs.items(), outs, strict=True)
+        ]
         # parts an interrupted attempt took replay; the reservation dates from its first part
         cr = min(o["parts"][0]["cr"] if o["replay"] else o["cr"] for o in outs)
         index["cr"] = cr
@@ -580,14 +932,12 @@ class ATP:
         if all(o["replay"] for o in outs):
             merged = {"parts": [p for o in outs for p in o["parts"]], "replay": 1}
             return _original(_reservation(merged), hold)
-        return _fresh(
-            rid,
-            channel,
-            parts,
-            "held" if hold else "confirmed",
-            cr,
-            cr + hold * 1000 if hold else 0,
-        )
+        lines = [
+            ln for (_, sl), o in zip(specs.items(), outs, strict=True) for ln in _part_lines(o, sl)
+        ]
+        ex = cr + hold * 1000 if hold else 0
+        out = {"st": "held" if hold else "confirmed", "cr": cr, "ex": ex, "rv": rv, "lines": lines}
+        return _fresh(rid, channel, specs, out, customer)
 
     async def _rollback(self, rid: str, taken: list[tuple[int, int, list[str]]], cfg: str) -> None:
         for b, n, keys in taken:
@@ -605,8 +955,8 @@ class ATP:
         calls: list[tuple[list[str], dict[str, Any]]] = []
         k = 1  # keys[0] is the index key, not sent on a cluster
         for p in req["parts"]:
-            pkeys = keys[k : k + 4 + 3 * p["n"]]
-            k += 4 + 3 * p["n"]
+            pkeys = keys[k : k + 4 + 5 * p["n"]]
+            k += 4 + 5 * p["n"]
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]
@@ -732,31 +1082,90 @@ def _fingerprint_text(text: str) -> str:
 # ints that passed check_int (":d" writes an int subclass by its value, as json does).
 
 
-def _reserve_fp_json(channel: str, hold: int, lines: list[tuple[str, str, int]]) -> str:
-    """``_dumps([channel, hold, lines])``: what a reserve request's fingerprint hashes."""
+def _reserve_fp_json(
+    channel: str,
+    hold: int,
+    lines: list[tuple[str, str, int]],
+    customer: str | None = None,
+    region: str | None = None,
+    split: bool | None = None,
+) -> str:
+    """``_dumps([channel, hold, lines])`` (plus ``{"cu","rg","sp"}`` when the request gives
+    a customer, region or split choice): what a reserve request's fingerprint hashes.
+    A routed line's location is ``""``."""
     body = ",".join([f'["{sku}","{loc}",{qty:d}]' for sku, loc, qty in lines])
-    return f'["{channel}",{hold:d},[{body}]]'
+    if customer is None and region is None and split is None:
+        return f'["{channel}",{hold:d},[{body}]]'
+    extra = _dumps({"cu": customer, "rg": region, "sp": split})
+    return f'["{channel}",{hold:d},[{body}],{extra}]'
 
 
-def _reserve_lines_json(lines: list[tuple[str, str, int]]) -> str:
-    return ",".join([f'{{"sku":"{sku}","loc":"{loc}","qty":{qty:d}}}' for sku, loc, qty in lines])
+# One reserve line as the script takes it: sku, location (None when routed), qty, the
+# candidate locations (routed) or None, split, protections per candidate or None, cap,
+# buyer limit.
+_Spec = tuple[
+    str,
+    str | None,
+    int,
+    tuple[str, ...] | None,
+    bool,
+    list[tuple[tuple[str, int], ...]] | None,
+    int | None,
+    int | None,
+]
+
+
+def _spec_json(spec: _Spec) -> str:
+    sku, loc, qty, cands, split, prs, cap, bl = spec
+    if cands is None and prs is None and cap is None and bl is None:
+        return f'{{"sku":"{sku}","loc":"{loc}","qty":{qty:d}}}'
+    out = [f'"sku":"{sku}"']
+    if cands is None:
+        out.append(f'"loc":"{loc}"')
+    else:
+        out.append('"locs":[' + ",".join([f'"{c}"' for c in cands]) + "]")
+        out.append('"split":' + ("true" if split else "false"))
+    out.append(f'"qty":{qty:d}')
+    if prs is not None:
+        cand = ["[" + ",".join([f'["{g}",{q:d}]' for g, q in pr]) + "]" for pr in prs]
+        out.append('"pr":[' + ",".join(cand) + "]")
+    if cap is not None:
+        out.append(f'"cap":{cap:d}')
+    if bl is not None:
+        out.append(f'"bl":{bl:d}')
+    return "{" + ",".join(out) + "}"
+
+
+def _part_json(b: int, specs: list[_Spec]) -> str:
+    counts = ""
+    if any(sp[3] is not None for sp in specs):
+        counts = (
+            '"c":[' + ",".join([f"{1 if sp[3] is None else len(sp[3]):d}" for sp in specs]) + "],"
+        )
+    lines = ",".join([_spec_json(sp) for sp in specs])
+    return f'{{"b":{b:d},"n":{len(specs):d},{counts}"lines":[{lines}]}}'
 
 
 def _reserve_req_json(
-    rid: str, channel: str, hold_ms: int, fp: str, home: int,
-    parts: dict[int, list[tuple[str, str, int]]],
-) -> str:  # fmt: skip
-    """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, parts: [{b, n,
-    lines: [{sku, loc, qty}]}]}, in that key order."""
-    ps = ",".join(
-        [
-            f'{{"b":{b:d},"n":{len(plines):d},"lines":[{_reserve_lines_json(plines)}]}}'
-            for b, plines in parts.items()
-        ]
-    )
+    rid: str,
+    channel: str,
+    hold_ms: int,
+    fp: str,
+    home: int,
+    rv: int,
+    customer: str | None,
+    specs: dict[int, list[_Spec]],
+    *,
+    idx: bool = True,
+) -> str:
+    """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, rv, [cu], parts:
+    [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap], [bl]}]}]}, in that key
+    order."""
+    ps = ",".join([_part_json(b, sp) for b, sp in specs.items()])
+    cu = "" if customer is None else f',"cu":"{customer}"'
     return (
-        f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}","idx":true,'
-        f'"home":{home:d},"parts":[{ps}]}}'
+        f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}",'
+        f'"idx":{"true" if idx else "false"},"home":{home:d},"rv":{rv:d}{cu},"parts":[{ps}]}}'
     )
 
 
@@ -778,6 +1187,11 @@ def _check_stream_id(value: str) -> str:
     if not all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts):
         raise InvalidRequest(f"not a movement id: {value!r:.40}", field="before")
     return value if sep else f"{value}-0"
+
+
+def _int_map(m: Any) -> dict[str, int]:
+    # an empty Lua table comes back as [] from cjson
+    return {str(k): int(v) for k, v in m.items()} if isinstance(m, dict) else {}
 
 
 def _s(v: Any) -> str:
@@ -826,27 +1240,44 @@ def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
     )
 
 
+def _part_lines(out: dict[str, Any], specs: list[_Spec]) -> list[tuple[str, str, int]]:
+    """The (sku, location, qty) lines one reserve call took: from its reply when it routed
+    a line or replayed, else the request's."""
+    if out["replay"]:
+        return [(ln["sku"], ln["loc"], ln["qty"]) for p in out["parts"] for ln in p["lines"]]
+    taken = out.get("lines")
+    if taken is not None:
+        return [(sku, loc, qty) for sku, loc, qty in taken]
+    return [(sp[0], cast(str, sp[1]), sp[2]) for sp in specs]
+
+
 def _fresh(
     rid: str,
     channel: str,
-    parts: dict[int, list[tuple[str, str, int]]],
-    status: str,
-    cr: int,
-    ex: int,
+    specs: dict[int, list[_Spec]],
+    out: dict[str, Any],
+    customer: str | None,
 ) -> Reservation:
-    """A reservation just taken: the script answers only its status and times, the lines
-    are the request's (in the order of its parts)."""
-    created = ms_to_dt(cr)
+    """A reservation just taken: the script answers its status, times and rules version,
+    and the lines as taken only when it routed one; otherwise they are the request's (in
+    the order of its parts)."""
+    created = ms_to_dt(out["cr"])
+    taken = out.get("lines")
+    if taken is not None:
+        lines = tuple([ReservationLine(sku, loc, qty) for sku, loc, qty in taken])
+    else:
+        lines = tuple([ReservationLine(sp[0], sp[1], sp[2]) for sl in specs.values() for sp in sl])  # type: ignore[arg-type]
+    ex = out["ex"]
     return Reservation(
         id=rid,
         channel=channel,
-        status=cast(Status, status),
-        lines=tuple(
-            [ReservationLine(sku, loc, qty) for pl in parts.values() for sku, loc, qty in pl]
-        ),
+        status=cast(Status, out["st"]),
+        lines=lines,
         created_at=created,
         expires_at=ms_to_dt(ex) if ex else None,
         updated_at=created,
+        customer_id=customer,
+        rules_version=int(out.get("rv", 0)),
     )
 
 
@@ -862,6 +1293,8 @@ def _original(current: Reservation, hold_seconds: int) -> Reservation:
         expires_at=current.created_at + timedelta(seconds=hold_seconds) if hold_seconds else None,
         updated_at=current.created_at,
         replayed=True,
+        customer_id=current.customer_id,
+        rules_version=current.rules_version,
     )
 
 
@@ -907,4 +1340,6 @@ def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
         # a fresh reservation was last updated when it was made: one datetime, not two
         updated_at=created_at if up == cr else ms_to_dt(up),
         replayed=bool(out.get("replay")),
+        customer_id=first.get("cu"),
+        rules_version=int(first.get("rv", 0)),
     )

@@ -7,7 +7,10 @@ deployment (SCAN, so it never blocks the server) and checks:
   lists positions a short pick or a count left uncovered on purpose: they are reported,
   not failed);
 * **I2** ``committed`` equals the open units of the live reservation lines on the
-  position, per channel too; terminal reservations hold no open units;
+  position, per channel too; terminal reservations hold no open units; each SKU's totals
+  over its locations (per channel, for caps; per customer, for buyer limits) equal its
+  reservations' open units; each position's live index (the shortage rule walks it)
+  lists exactly its live reservations;
 * **I5** each position's movement log chains (every entry starts where the one before
   ended) and ends at the position's current figures;
 * every index entry points at parts that exist, and every part at its index entry;
@@ -66,6 +69,8 @@ async def verify(
 
     open_pos: dict[tuple[str, str], int] = defaultdict(int)
     open_ch: dict[tuple[str, str, str], int] = defaultdict(int)
+    sku_tot: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    live_ix: dict[tuple[str, str], set[str]] = defaultdict(set)
     parts_seen: dict[str, set[int]] = defaultdict(set)
     for b in range(ks.buckets):
         bk = ks.bucket_keys(b)
@@ -85,6 +90,11 @@ async def verify(
                     problem(f"{rid}: {rec['st']} but {o} units still open on {ln['sku']}")
                 open_pos[(ln["sku"], ln["loc"])] += o
                 open_ch[(ln["sku"], ln["loc"], rec["ch"])] += o
+                if o:
+                    sku_tot[ln["sku"]][f"ch:{rec['ch']}"] += o
+                    if rec.get("cu"):
+                        sku_tot[ln["sku"]][f"cu:{rec['cu']}"] += o
+                    live_ix[(ln["sku"], ln["loc"])].add(_lx_member(rec))
                 b_committed += o
                 if rec["st"] in ("held", "expired"):
                     b_held += o
@@ -136,12 +146,40 @@ async def verify(
             rep.uncovered.append(f"{sku}@{loc}")
             if not allow_uncovered:
                 problem(f"{sku}@{loc}: committed {cm} > on_hand {oh} - safety_stock {ss} (I1)")
+        ix = {_s(m) for m in await r.zrange(ks.position(sku, loc).lx, 0, -1)}
+        if ix != live_ix.get((sku, loc), set()):
+            want = live_ix.get((sku, loc), set())
+            problem(
+                f"{sku}@{loc}: live index has {sorted(ix - want)[:5]} too many and "
+                f"{sorted(want - ix)[:5]} missing"
+            )
         if check_log:
             await _check_log(atp, sku, loc, oh, cm, rep, problem)
     for (sku, loc), o in open_pos.items():
         if o and (sku, loc) not in seen_pos:
             problem(f"{sku}@{loc}: reservations hold {o} units of a position that does not exist")
+    seen_sku: set[str] = set()
+    async for key_raw in r.scan_iter(match=f"{ks.keys_pattern()[:-1]}sku:*", count=1000):
+        sku = _s(key_raw).split(":sku:", 1)[1]
+        seen_sku.add(sku)
+        got = {_s(k): int(v) for k, v in (await r.hgetall(key_raw)).items()}
+        want = {k: v for k, v in sku_tot.get(sku, {}).items() if v}
+        if got != want:
+            bad = sorted(k for k in got.keys() | want.keys() if got.get(k, 0) != want.get(k, 0))
+            problem(
+                f"{sku}: SKU totals {[(k, got.get(k, 0)) for k in bad[:5]]} but its "
+                f"reservations hold {[(k, want.get(k, 0)) for k in bad[:5]]} (I2)"
+            )
+    for sku, tot in sku_tot.items():
+        if sku not in seen_sku and any(tot.values()):
+            problem(f"{sku}: reservations hold units but the SKU has no totals (I2)")
     return rep
+
+
+def _lx_member(rec: dict[str, Any]) -> str:
+    """The live index member of a reservation part (``lx_member`` in lua/_lib.lua)."""
+    flag = "0" if rec["st"] in ("held", "expired") else "1"
+    return f"{rec['ch']}:{flag}:{9999999999999 - int(rec['cr']):013d}:{rec['id']}"
 
 
 async def _check_log(

@@ -79,12 +79,34 @@ local function line_open(l)
   return l.qty - l.shipped - l.released
 end
 
+-- The member of a reservation line in its position's live index (`lx`, a zset whose
+-- members all score 0 and sort by text): channel, held (0) before confirmed (1), newest
+-- first, id. The shortage rule walks it per channel in that order (at_risk).
+local function lx_member(part)
+  local flag = '1'
+  if part.st == 'held' or part.st == 'expired' then flag = '0' end
+  return part.ch .. ':' .. flag .. ':' .. string.format('%013d', 9999999999999 - part.cr) .. ':' .. part.id
+end
+
+-- Add `qty` to what a reservation holds committed on one line's position: the position,
+-- its channel, and the SKU's totals per channel and per customer (caps, buyer limits).
+local function commit_units(lk, part, qty)
+  local after = redis.call('HINCRBY', lk.pos, 'committed', qty)
+  redis.call('HINCRBY', lk.pos, 'ch:' .. part.ch, qty)
+  local c = redis.call('HINCRBY', lk.agg, 'ch:' .. part.ch, qty)
+  if c == 0 then redis.call('HDEL', lk.agg, 'ch:' .. part.ch) end
+  if part.cu and part.cu ~= '' then
+    local u = redis.call('HINCRBY', lk.agg, 'cu:' .. part.cu, qty)
+    if u <= 0 then redis.call('HDEL', lk.agg, 'cu:' .. part.cu) end
+  end
+  return after
+end
+
 -- Take `qty` units of a line back out of committed (release, expiry, remainder).
-local function uncommit(cfg, pos_key, log_key, part, qty, kind, reason, now)
-  local after = redis.call('HINCRBY', pos_key, 'committed', -qty)
-  redis.call('HINCRBY', pos_key, 'ch:' .. part.ch, -qty)
-  local oh = tonumber(redis.call('HGET', pos_key, 'on_hand') or '0')
-  log_move(cfg, log_key, kind, { reason = reason, rid = part.id, channel = part.ch,
+local function uncommit(cfg, lk, part, qty, kind, reason, now)
+  local after = commit_units(lk, part, -qty)
+  local oh = tonumber(redis.call('HGET', lk.pos, 'on_hand') or '0')
+  log_move(cfg, lk.log, kind, { reason = reason, rid = part.id, channel = part.ch,
     ohb = oh, oha = oh, cmb = after + qty, cma = after, at = now })
 end
 
@@ -94,25 +116,93 @@ local function stat(stats_key, committed, held)
   if held ~= 0 then redis.call('HINCRBY', stats_key, 'held', held) end
 end
 
--- Raise an oversell exception when a position no longer covers its commitments (I1).
-local function check_cover(cfg, pos_key, ev_key, sku, loc, cause, rid, now)
-  local p = read_pos(pos_key)
-  if p and p.committed > p.on_hand - p.safety_stock then
-    emit(cfg, ev_key, 'exception', rid, '', now, { kind = 'oversell', cause = cause,
-      sku = sku, location = loc, on_hand = p.on_hand, committed = p.committed,
-      safety_stock = p.safety_stock,
-      shortfall = p.committed - (p.on_hand - p.safety_stock) })
+-- The shortage rule (I6), the one place that decides who loses when a position can no
+-- longer cover its commitments: lowest channel priority first; within a channel, holds
+-- before confirmed reservations (a cart before a paid order), newest first. Walks the
+-- position's live index `lx` channel by channel until the open units chosen cover the
+-- shortfall, naming at most `limit` reservations. `prio` maps channel -> priority
+-- (a channel the rules do not name has priority 0). Returns the list and its units.
+local function at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now)
+  local flat = redis.call('HGETALL', lk.pos)
+  local chans = {}
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 3) == 'ch:' and tonumber(flat[i + 1]) > 0 then
+      chans[#chans + 1] = string.sub(flat[i], 4)
+    end
   end
+  prio = prio or {}
+  table.sort(chans, function(a, b)
+    local pa, pb = tonumber(prio[a]) or 0, tonumber(prio[b]) or 0
+    if pa ~= pb then return pa < pb end
+    return a < b
+  end)
+  local out, units = {}, 0
+  for _, ch in ipairs(chans) do
+    local start = 0
+    while units < shortfall and #out < limit do
+      local page = redis.call('ZRANGEBYLEX', lk.lx, '[' .. ch .. ':', '(' .. ch .. ';', 'LIMIT', start, 64)
+      if #page == 0 then break end
+      for _, member in ipairs(page) do
+        local rid = string.match(member, '^[^:]*:[^:]*:[^:]*:(.*)$')
+        local raw = rid and redis.call('HGET', res_key, rid)
+        if raw then
+          local part = cjson.decode(raw)
+          for _, l in ipairs(part.lines) do
+            local open = line_open(l)
+            if l.sku == sku and l.loc == loc and open > 0 then
+              local st = part.st
+              if st == 'held' and part.ex > 0 and part.ex <= now then st = 'expired' end
+              out[#out + 1] = { reservation_id = rid, channel = ch, priority = tonumber(prio[ch]) or 0,
+                                status = st, qty = open, created_at = part.cr }
+              units = units + open
+            end
+          end
+        end
+        if units >= shortfall or #out >= limit then break end
+      end
+      start = start + #page
+    end
+    if units >= shortfall or #out >= limit then break end
+  end
+  return out, units
+end
+
+-- The oversell exception's data when a position no longer covers its commitments (I1),
+-- naming the reservations the shortage rule puts at risk (when given the live index);
+-- nil when it is covered. check_cover raises it on the outbox.
+local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
+  local p = read_pos(lk.pos)
+  if p and p.committed > p.on_hand - p.safety_stock then
+    local shortfall = p.committed - (p.on_hand - p.safety_stock)
+    local ex = { kind = 'oversell', cause = cause, sku = sku, location = loc,
+      on_hand = p.on_hand, committed = p.committed, safety_stock = p.safety_stock,
+      shortfall = shortfall }
+    if lk.lx and res_key then
+      local limit = tonumber(cfg.risk_max) or 500
+      local list, units = at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now)
+      ex.at_risk = list
+      ex.units_at_risk = units
+      ex.truncated = (units < shortfall and #list >= limit)
+    end
+    if #(ex.at_risk or {}) == 0 then ex.at_risk = nil end
+    return ex
+  end
+  return nil
+end
+
+local function check_cover(cfg, lk, res_key, ev_key, sku, loc, cause, rid, now, prio)
+  local ex = uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
+  if ex then emit(cfg, ev_key, 'exception', rid, '', now, ex) end
+  return ex
 end
 
 -- Reclaim, on one position, the units of holds that have expired (bounded by `limit`).
--- The expired reservations' parts live in `res_key` (same bucket as the position).
-local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key, ev_key,
-                               stats_key, sku, loc, now, limit)
-  local ids = redis.call('ZRANGEBYSCORE', hx_key, '-inf', now, 'LIMIT', 0, limit)
+-- The expired reservations' parts live in `e.res` (same bucket as the position).
+local function reclaim_expired(cfg, lk, e, sku, loc, now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', lk.hx, '-inf', now, 'LIMIT', 0, limit)
   local n = 0
   for _, rid in ipairs(ids) do
-    local raw = redis.call('HGET', res_key, rid)
+    local raw = redis.call('HGET', e.res, rid)
     if raw then
       local part = cjson.decode(raw)
       if part.st == 'expired' or (part.st == 'held' and part.ex > 0 and part.ex <= now) then
@@ -120,8 +210,9 @@ local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key
         for _, l in ipairs(part.lines) do
           local open = line_open(l)
           if l.sku == sku and l.loc == loc and open > 0 then
-            uncommit(cfg, pos_key, log_key, part, open, 'expire', 'hold expired', now)
-            stat(stats_key, -open, -open)
+            uncommit(cfg, lk, part, open, 'expire', 'hold expired', now)
+            redis.call('ZREM', lk.lx, lx_member(part))
+            stat(e.stats, -open, -open)
             l.released = l.released + open
             n = n + open
           elseif open > 0 then
@@ -130,32 +221,94 @@ local function reclaim_expired(cfg, pos_key, hx_key, log_key, res_key, holds_key
         end
         if part.st ~= 'expired' then
           part.st = 'expired'
-          emit(cfg, ev_key, 'expired', part.id, part.ch, now, { expires_at = part.ex })
+          emit(cfg, e.events, 'expired', part.id, part.ch, now, { expires_at = part.ex })
         end
         part.up = now
-        if live == 0 then redis.call('ZREM', holds_key, rid) end
-        redis.call('HSET', res_key, rid, cjson.encode(part))
+        if live == 0 then redis.call('ZREM', e.holds, rid) end
+        redis.call('HSET', e.res, rid, cjson.encode(part))
       end
     end
-    redis.call('ZREM', hx_key, rid)
+    redis.call('ZREM', lk.hx, rid)
   end
   return n
 end
 
+-- What reclaim_expired would give back on one position, without writing: units per
+-- channel and per customer (explain and availability show ATP as the next reserve sees it).
+local function reclaimable(lk, res_key, sku, loc, now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', lk.hx, '-inf', now, 'LIMIT', 0, limit)
+  local total, by_ch, by_cu = 0, {}, {}
+  for _, rid in ipairs(ids) do
+    local raw = redis.call('HGET', res_key, rid)
+    if raw then
+      local part = cjson.decode(raw)
+      if part.st == 'expired' or (part.st == 'held' and part.ex > 0 and part.ex <= now) then
+        for _, l in ipairs(part.lines) do
+          local open = line_open(l)
+          if l.sku == sku and l.loc == loc and open > 0 then
+            total = total + open
+            by_ch[part.ch] = (by_ch[part.ch] or 0) + open
+            if part.cu and part.cu ~= '' then by_cu[part.cu] = (by_cu[part.cu] or 0) + open end
+          end
+        end
+      end
+    end
+  end
+  return total, by_ch, by_cu
+end
+
+-- ATP of one position for channel `ch` (DESIGN.md, I6):
+--   on_hand - committed - safety_stock - sum over other channels g of max(0, protected_g - committed_g)
+-- `pr` lists {g, protected} for the SKU at this location; `chc(g)` gives g's committed here.
+-- Returns the position's ATP (may be negative) and the units protected for others.
+local function channel_atp(p, ch, pr, chc)
+  local prot = 0
+  if pr then
+    for _, gp in ipairs(pr) do
+      local g, q = gp[1], gp[2]
+      if g ~= ch then
+        local left = q - chc(g)
+        if left > 0 then prot = prot + left end
+      end
+    end
+  end
+  return p.on_hand - p.committed - p.safety_stock - prot, prot
+end
+
+-- The rules version a part's bucket enforces (set by rules_apply / rules_bump in the
+-- bucket's stats hash, so a reserve reads it from a key it already has).
+local function bucket_rules_version(stats_key)
+  return tonumber(redis.call('HGET', stats_key, 'rv') or '0')
+end
+
 -- Walk KEYS for a reservation call: optional index key, then per part four bucket keys
--- (res, holds, events, stats) followed by three keys per line (pos, hx, log). Returns the index key (or false) and the parts'
--- key tables, or nil and a refusal when KEYS does not match the request.
+-- (res, holds, events, stats) followed, per line, by the SKU's totals key (agg) and four
+-- keys per candidate position (pos, hx, log, lx). A line has one candidate unless reserve
+-- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
+-- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
+-- and a refusal when KEYS does not match the request.
 local function part_keys(with_index, parts)
   local k = 1
   local idx = false
   if with_index then idx = KEYS[1]; k = 2 end
   local out = {}
   for pi, p in ipairs(parts) do
-    local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], stats = KEYS[k + 3], lines = {} }
+    local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], stats = KEYS[k + 3],
+                lines = {}, cands = {} }
     k = k + 4
     for li = 1, p.n do
-      e.lines[li] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2] }
-      k = k + 3
+      local agg = KEYS[k]
+      k = k + 1
+      local nc = 1
+      if type(p.c) == 'table' then nc = tonumber(p.c[li]) or 0 end
+      if nc < 1 or nc > 64 then return nil, refuse('bad_request', 'a line has 1 to 64 candidate locations') end
+      local cs = {}
+      for ci = 1, nc do
+        cs[ci] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2], lx = KEYS[k + 3], agg = agg }
+        k = k + 4
+      end
+      e.lines[li] = cs[1]
+      e.cands[li] = cs
     end
     out[pi] = e
   end

@@ -1,6 +1,7 @@
 --[[ confirm: a held reservation becomes confirmed; its expiry is dropped.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per line pos/hx/log
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+      agg then pos/hx/log/lx
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), parts:[{b, n}]}
@@ -34,11 +35,20 @@ for pi, rec in ipairs(recs) do
   local open = 0
   for _, l in ipairs(rec.lines) do open = open + line_open(l) end
   stat(k.stats, 0, -open)
+  local was = lx_member(rec)
   rec.st = 'confirmed'
   rec.ex = 0
   rec.cf = now
   rec.up = now
-  for li = 1, #rec.lines do redis.call('ZREM', k.lines[li].hx, req.id) end
+  local now_member = lx_member(rec)
+  for li, l in ipairs(rec.lines) do
+    redis.call('ZREM', k.lines[li].hx, req.id)
+    -- the live index orders holds before confirmed reservations (at_risk)
+    if line_open(l) > 0 then
+      redis.call('ZREM', k.lines[li].lx, was)
+      redis.call('ZADD', k.lines[li].lx, 0, now_member)
+    end
+  end
   redis.call('ZREM', k.holds, req.id)
   redis.call('HSET', k.res, req.id, cjson.encode(rec))
   emit(cfg, k.events, 'confirmed', req.id, rec.ch, now, {})

@@ -7,16 +7,19 @@ released when the line says `rr` (release remainder). A later fulfilment that re
 units again is a new observation that the system still overstates the bin; on_hand never
 drops below zero.
 A short pick raises a `short_pick` exception event, and an `oversell` exception when the
-position no longer covers its commitments (I1). When no line has units open any more the
+position no longer covers its commitments (I1); both name the reservations the shortage
+rule (at_risk in _lib.lua) puts at risk to cover the shortfall. When no line has units open any more the
 reservation is fulfilled. Each call is idempotent by its fulfilment id `fid`.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per line pos/hx/log
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+      agg then pos/hx/log/lx
 ARGV:
   [1] cfg  JSON {max_qty, log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), parts:[{b, n}], fid, ffp,
                  lines:[{sku, loc, shipped, short, rr (bool)}],
                  picked (optional: units shipped or short in the reservation's other parts,
-                 when a cluster calls this part by part)}
+                 when a cluster calls this part by part),
+                 prio (optional: {channel: priority} of the rules, for the shortage rule)}
 Returns JSON:
   {"ok":1,"replay":0|1,"parts":[part…]}      applied, or this fulfilment id already applied
   {"err":"unknown_reservation"} | {"err":"not_confirmed"} | {"err":"released"}
@@ -32,6 +35,7 @@ if not is_text(req.id, 128) then return refuse('bad_request', 'reservation id mu
 if not is_text(req.fid, 128) or not is_text(req.ffp, 128) then return refuse('bad_request', 'fulfilment id must be 1-128 characters') end
 local shape_err = validate_parts_shape(req, 10000)
 if shape_err then return refuse('bad_request', shape_err) end
+if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if type(req.lines) ~= 'table' or #req.lines == 0 then return refuse('bad_request', 'lines must be a non-empty list') end
 local seen = {}
 for _, f in ipairs(req.lines) do
@@ -92,14 +96,16 @@ for _, f in ipairs(req.lines) do
 end
 
 -- write
+local member = {}
+for pi, rec in ipairs(recs) do member[pi] = lx_member(rec) end
+local shorts = {}
 for _, h in ipairs(plan) do
   local rec, l, f = recs[h.pi], h.l, h.f
-  local k, ev = pk[h.pi].lines[h.li], pk[h.pi].events
+  local k = pk[h.pi].lines[h.li]
   local out = f.shipped + f.short
   if out > 0 then
     local oha = redis.call('HINCRBY', k.pos, 'on_hand', -out)
-    local cma = redis.call('HINCRBY', k.pos, 'committed', -f.shipped)
-    redis.call('HINCRBY', k.pos, 'ch:' .. rec.ch, -f.shipped)
+    local cma = commit_units(k, rec, -f.shipped)
     stat(pk[h.pi].stats, -f.shipped, 0)
     local reason = 'shipped'
     if f.short > 0 then reason = 'shipped ' .. f.shipped .. ', short pick ' .. f.short end
@@ -111,16 +117,13 @@ for _, h in ipairs(plan) do
   if f.rr then
     local rem = line_open(l)
     if rem > 0 then
-      uncommit(cfg, k.pos, k.log, rec, rem, 'release', 'remainder released at fulfilment', now)
+      uncommit(cfg, k, rec, rem, 'release', 'remainder released at fulfilment', now)
       stat(pk[h.pi].stats, -rem, 0)
       l.released = l.released + rem
     end
   end
-  if f.short > 0 then
-    emit(cfg, ev, 'exception', req.id, rec.ch, now, { kind = 'short_pick', sku = f.sku,
-      location = f.loc, short = f.short, remainder = line_open(l), fulfilment = req.fid })
-    check_cover(cfg, k.pos, ev, f.sku, f.loc, 'short_pick', req.id, now)
-  end
+  if line_open(l) == 0 then redis.call('ZREM', k.lx, member[h.pi]) end
+  if f.short > 0 then shorts[#shorts + 1] = h end
 end
 -- done when no line has units open: fulfilled if anything was picked (shipped or found
 -- short), released if every line was only released
@@ -145,6 +148,19 @@ for pi, rec in ipairs(recs) do
   rec.st = final
   redis.call('HSET', k.res, req.id, cjson.encode(rec))
   if final ~= was then emit(cfg, k.events, final, req.id, rec.ch, now, {}) end
+end
+-- short picks, once the records are written (the shortage rule reads them)
+for _, h in ipairs(shorts) do
+  local k, ev, f = pk[h.pi].lines[h.li], pk[h.pi].events, h.f
+  local data = { kind = 'short_pick', sku = f.sku, location = f.loc, short = f.short,
+    remainder = line_open(h.l), fulfilment = req.fid }
+  local ex = uncovered(cfg, k, pk[h.pi].res, f.sku, f.loc, 'short_pick', now, req.prio)
+  if ex then
+    data.shortfall = ex.shortfall
+    data.at_risk = ex.at_risk
+  end
+  emit(cfg, ev, 'exception', req.id, recs[h.pi].ch, now, data)
+  if ex then emit(cfg, ev, 'exception', req.id, '', now, ex) end
 end
 for _, h in ipairs(plan) do
   emit(cfg, pk[h.pi].events, 'fulfil', req.id, recs[h.pi].ch, now, { fulfilment = req.fid,

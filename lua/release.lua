@@ -1,6 +1,7 @@
 --[[ release: a held or confirmed reservation gives its open units back.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events, per line pos/hx/log
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+      agg then pos/hx/log/lx
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), reason, parts:[{b, n}], rollback (bool)}
@@ -45,10 +46,11 @@ if req.rollback then
       for li, l in ipairs(rec.lines) do
         local open = line_open(l)
         if open > 0 then
-          uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, 'rollback', 'reservation rolled back', now)
+          uncommit(cfg, k.lines[li], rec, open, 'rollback', 'reservation rolled back', now)
           if rec.st == 'held' then stat(k.stats, -open, -open) else stat(k.stats, -open, 0) end
         end
         redis.call('ZREM', k.lines[li].hx, req.id)
+        redis.call('ZREM', k.lines[li].lx, lx_member(rec))
       end
       redis.call('ZREM', k.holds, req.id)
       redis.call('HDEL', k.res, req.id)
@@ -78,13 +80,14 @@ for pi, rec in ipairs(recs) do
   for li, l in ipairs(rec.lines) do
     local open = line_open(l)
     if open > 0 then
-      uncommit(cfg, k.lines[li].pos, k.lines[li].log, rec, open, kind, reason, now)
+      uncommit(cfg, k.lines[li], rec, open, kind, reason, now)
       -- held units: of a part on hold, or of an expired one not yet reclaimed
       if rec.st == 'held' or rec.st == 'expired' then stat(k.stats, -open, -open) else stat(k.stats, -open, 0) end
       l.released = l.released + open
       changed = true
     end
     redis.call('ZREM', k.lines[li].hx, req.id)
+    redis.call('ZREM', k.lines[li].lx, lx_member(rec))
   end
   redis.call('ZREM', k.holds, req.id)
   if rec.st ~= final or changed then

@@ -1,20 +1,34 @@
---[[ reserve: take units of one or more positions for one channel, all or nothing (I1, I4).
+--[[ reserve: take units of one or more positions for one channel, all or nothing (I1, I4),
+under the allocation rules (I6): other channels' protections, the channel's cap, the
+buyer limit, and location routing, all decided here, atomically.
 
 KEYS (walked by part_keys):
   [1]                 rix      reservation index hash of the home bucket (only when req.idx)
   then, per part p (one per bucket the lines fall in):
     res    bucket hash of reservation parts      holds  bucket zset of held parts
-    events bucket outbox stream                  stats  bucket hash of unit totals
-    then, per line of p:  pos  position hash | hx  position hold zset | log  position stream
+    events bucket outbox stream                  stats  bucket hash of unit totals (+ rv)
+    then, per line of p: agg  the SKU's totals hash (committed per channel and customer)
+      then per candidate location of the line (one unless routed):
+        pos  position hash | hx  position hold zset | log  position stream | lx  live index
 ARGV:
   [1] cfg  JSON {max_qty, max_lines, max_hold, reclaim, log_max, ev_max, actor, source}
   [2] req  JSON {id, ch, hold (ms, 0 = confirmed at once), fp (request fingerprint),
-                 idx (bool), home (bucket), parts:[{b, n, lines:[{sku, loc, qty}]}]}
+                 idx (bool), home (bucket), rv (rules version the caller resolved with),
+                 cu (customer id, optional),
+                 parts:[{b, n, c (optional: candidates per line),
+                   lines:[{sku, qty, loc | locs:[loc…] (routed, in the channel's order),
+                           split (bool, routed only), pr ([ [channel, protected]… ] per candidate,
+                           optional), cap (optional), bl (buyer limit, optional)}]}]}
 Returns JSON:
-  {"ok":1,"replay":0,"st":status,"cr":ms,"ex":ms}     accepted (the caller knows the lines)
+  {"ok":1,"replay":0,"st":status,"cr":ms,"ex":ms,"rv":N}   accepted; when a line was routed
+        also "lines": [ [sku, loc, qty] … ] (every line as taken, part by part)
   {"ok":1,"replay":1,"parts":[part…]}                the same request again: its parts
-  {"err":"insufficient","lines":[{sku,location,requested,available}]}
+  {"err":"insufficient","lines":[{sku,location,requested,available,limited_by}]}
+        limited_by: "stock", "protection" (other channels' protected units) or "cap"
+  {"err":"buyer_limit","sku","limit","held","requested"}
+  {"err":"customer_required","sku"}                  a buyer limit applies, no customer id
   {"err":"unknown_position","lines":[{sku,location}]}
+  {"err":"rules_stale","have":N}                      a bucket enforces another rules version
   {"err":"conflict"}                                  same id, different request
   {"err":"bad_request","detail":…}
 A refusal writes nothing, except that holds found already expired on the positions
@@ -30,26 +44,67 @@ if not is_text(req.id, 128) then return refuse('bad_request', 'reservation id mu
 if not is_text(req.ch, 64) then return refuse('bad_request', 'channel must be 1-64 characters') end
 if not is_int(req.hold, 0, cfg.max_hold) then return refuse('bad_request', 'hold must be 0..' .. cfg.max_hold .. ' ms') end
 if not is_text(req.fp, 128) then return refuse('bad_request', 'missing request fingerprint') end
+if not is_int(req.rv, 0, 1e15) then return refuse('bad_request', 'rv must be a rules version') end
+if req.cu ~= nil and not is_text(req.cu, 128) then return refuse('bad_request', 'customer id must be 1-128 characters') end
 local shape_err = validate_parts_shape(req, cfg.max_lines)
 if shape_err then return refuse('bad_request', shape_err) end
-local seen, seen_b, nlines = {}, {}, 0
+local seen, seen_b, routed_sku, sku_lines, nlines = {}, {}, {}, {}, 0
 for _, p in ipairs(req.parts) do
   if type(p.lines) ~= 'table' or #p.lines ~= p.n then return refuse('bad_request', 'part line count mismatch') end
   -- one part per bucket: two parts in one bucket would overwrite each other's record (I2)
   if not is_int(p.b, 0, 16383) or seen_b[p.b] then return refuse('bad_request', 'each part needs its own bucket number') end
   seen_b[p.b] = true
-  for _, l in ipairs(p.lines) do
+  for li, l in ipairs(p.lines) do
     nlines = nlines + 1
-    if not is_text(l.sku, 64) or not is_text(l.loc, 64) then return refuse('bad_request', 'each line needs a sku and a location') end
+    if not is_text(l.sku, 64) then return refuse('bad_request', 'each line needs a sku') end
     if not is_int(l.qty, 1, cfg.max_qty) then return refuse('bad_request', 'qty must be a whole number from 1 to ' .. cfg.max_qty) end
-    local k = l.sku .. '|' .. l.loc
-    if seen[k] then return refuse('bad_request', 'duplicate line for ' .. l.sku .. ' at ' .. l.loc) end
-    seen[k] = true
+    local nc = 1
+    if type(p.c) == 'table' then nc = p.c[li] end
+    if l.locs ~= nil then
+      if type(l.locs) ~= 'table' or #l.locs == 0 or #l.locs ~= nc then return refuse('bad_request', 'routed line candidates do not match KEYS') end
+      local dup = {}
+      for _, loc in ipairs(l.locs) do
+        if not is_text(loc, 64) or dup[loc] then return refuse('bad_request', 'routed line needs distinct locations') end
+        dup[loc] = true
+      end
+      routed_sku[l.sku] = true
+    else
+      if not is_text(l.loc, 64) then return refuse('bad_request', 'each line needs a location') end
+      if nc ~= 1 then return refuse('bad_request', 'a line with a location has one candidate') end
+      local k = l.sku .. '|' .. l.loc
+      if seen[k] then return refuse('bad_request', 'duplicate line for ' .. l.sku .. ' at ' .. l.loc) end
+      seen[k] = true
+    end
+    if l.pr ~= nil then
+      if type(l.pr) ~= 'table' or #l.pr ~= nc then return refuse('bad_request', 'pr needs one list per candidate') end
+      for _, cp in ipairs(l.pr) do
+        if type(cp) ~= 'table' then return refuse('bad_request', 'pr entries are lists') end
+        for _, gp in ipairs(cp) do
+          if type(gp) ~= 'table' or not is_text(gp[1], 64) or not is_int(gp[2], 0, 1e13) then
+            return refuse('bad_request', 'pr entries are [channel, units]')
+          end
+        end
+      end
+    end
+    if l.cap ~= nil and not is_int(l.cap, 0, 1e13) then return refuse('bad_request', 'cap must be a whole number') end
+    if l.bl ~= nil and not is_int(l.bl, 1, 1e13) then return refuse('bad_request', 'bl must be a whole number') end
+    if l.split ~= nil and type(l.split) ~= 'boolean' then return refuse('bad_request', 'split must be true or false') end
+    sku_lines[l.sku] = (sku_lines[l.sku] or 0) + 1
   end
 end
 if nlines > cfg.max_lines then return refuse('bad_request', 'too many lines') end
+for sku in pairs(routed_sku) do
+  if sku_lines[sku] > 1 then return refuse('bad_request', 'a routed line must be the only line for ' .. sku) end
+end
 local idx, pk = part_keys(req.idx, req.parts)
 if idx == nil then return pk end
+
+-- every part's bucket must enforce the rules version the caller resolved the request with,
+-- so no reservation is decided by a mix of two versions (atp.rules)
+for pi in ipairs(req.parts) do
+  local have = bucket_rules_version(pk[pi].stats)
+  if have ~= req.rv then return refuse('rules_stale', 'the rules changed', { have = have }) end
+end
 
 -- idempotency (I3): the same id returns the original outcome, another request conflicts
 local prior = nil
@@ -72,33 +127,102 @@ end
 
 local now = now_ms()
 
--- reclaim expired holds on the positions this call touches (bounded), then decide
+-- reclaim expired holds on the positions this call may touch (bounded), then decide
 for pi, p in ipairs(req.parts) do
   local e = pk[pi]
   for li, l in ipairs(p.lines) do
-    local lk = e.lines[li]
-    reclaim_expired(cfg, lk.pos, lk.hx, lk.log, e.res, e.holds, e.events, e.stats, l.sku, l.loc, now, cfg.reclaim)
+    local locs = l.locs or { l.loc }
+    for ci, lk in ipairs(e.cands[li]) do
+      reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim)
+    end
   end
 end
 
-local short, unknown, on_hand = {}, {}, {}
+-- SKU-wide figures: committed by this channel (caps) and by this customer (buyer limits)
+local cap_left, buyer, want = {}, {}, {}
+local short, unknown, over = {}, {}, nil
 for pi, p in ipairs(req.parts) do
-  on_hand[pi] = {}
   for li, l in ipairs(p.lines) do
-    local pos = read_pos(pk[pi].lines[li].pos)
-    if pos then on_hand[pi][li] = pos.on_hand end
-    if not pos then
+    local agg = pk[pi].lines[li].agg
+    want[l.sku] = (want[l.sku] or 0) + l.qty
+    if l.cap ~= nil and cap_left[l.sku] == nil then
+      cap_left[l.sku] = l.cap - tonumber(redis.call('HGET', agg, 'ch:' .. req.ch) or '0')
+    end
+    if l.bl ~= nil and buyer[l.sku] == nil then
+      if req.cu == nil then
+        return refuse('customer_required', l.sku .. ' has a buyer limit; the reservation needs a customer_id', { sku = l.sku })
+      end
+      buyer[l.sku] = { limit = l.bl, held = tonumber(redis.call('HGET', agg, 'cu:' .. req.cu) or '0') }
+    end
+  end
+end
+for sku, b in pairs(buyer) do
+  if b.held + want[sku] > b.limit then
+    over = { sku = sku, limit = b.limit, held = b.held, requested = want[sku] }
+  end
+end
+
+-- per line, the ATP of each candidate; a routed line takes the first candidate that holds
+-- it whole, else (split) the candidates in order
+local plan = {}   -- plan[pi][li] = list of {ci, qty}
+for pi, p in ipairs(req.parts) do
+  plan[pi] = {}
+  for li, l in ipairs(p.lines) do
+    local locs = l.locs or { l.loc }
+    local avail, raw_ok, any = {}, false, false
+    for ci, lk in ipairs(pk[pi].cands[li]) do
+      local pos = read_pos(lk.pos)
+      if pos then
+        any = true
+        local prs = l.pr and l.pr[ci]
+        local a = channel_atp(pos, req.ch, prs, function(g)
+          return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
+        end)
+        avail[ci] = math.max(0, a)
+        if pos.on_hand - pos.committed - pos.safety_stock >= l.qty then raw_ok = true end
+      else
+        avail[ci] = 0
+      end
+    end
+    if not any and not l.locs then
       unknown[#unknown + 1] = { sku = l.sku, location = l.loc }
     else
-      local avail = pos.on_hand - pos.committed - pos.safety_stock
-      if l.qty > avail then
-        if avail < 0 then avail = 0 end
-        short[#short + 1] = { sku = l.sku, location = l.loc, requested = l.qty, available = avail }
+      local take = nil
+      for ci = 1, #locs do
+        if avail[ci] >= l.qty then take = { { ci, l.qty } }; break end
       end
+      local best = 0
+      for ci = 1, #locs do
+        if l.split then best = best + avail[ci] elseif avail[ci] > best then best = avail[ci] end
+      end
+      if not take and l.split and best >= l.qty then
+        take = {}
+        local rest = l.qty
+        for ci = 1, #locs do
+          if rest == 0 then break end
+          local q = math.min(rest, avail[ci])
+          if q > 0 then take[#take + 1] = { ci, q }; rest = rest - q end
+        end
+      end
+      local cl = cap_left[l.sku]
+      local limited = 'stock'
+      if take and cl ~= nil and want[l.sku] > cl then limited = 'cap'; take = nil end
+      if not take then
+        if limited ~= 'cap' and raw_ok then limited = 'protection' end
+        local av = best
+        if cl ~= nil and cl < av then av = math.max(0, cl) end
+        local loc = l.loc
+        if l.locs then loc = cjson.null end
+        short[#short + 1] = { sku = l.sku, location = loc, requested = l.qty, available = av, limited_by = limited }
+      end
+      plan[pi][li] = take
     end
   end
 end
 if #unknown > 0 then return refuse('unknown_position', 'no such position', { lines = unknown }) end
+if over then
+  return refuse('buyer_limit', 'customer ' .. req.cu .. ' may hold at most ' .. over.limit .. ' of ' .. over.sku, over)
+end
 if #short > 0 then return refuse('insufficient', 'not enough available to promise', { lines = short }) end
 
 -- write
@@ -107,38 +231,47 @@ local ex = 0
 if held then ex = now + req.hold end
 local st = 'confirmed'
 if held then st = 'held' end
-local buckets, index_parts = {}, {}
-for pi, p in ipairs(req.parts) do
-  buckets[pi] = p.b
-  local ls = {}
-  for li, l in ipairs(p.lines) do ls[li] = { l.sku, l.loc } end
-  index_parts[pi] = { b = p.b, lines = ls }
-end
+local routed = next(routed_sku) ~= nil
+local buckets, index_parts, taken = {}, {}, {}
+for pi, p in ipairs(req.parts) do buckets[pi] = p.b end
 for pi, p in ipairs(req.parts) do
   local e = pk[pi]
-  local lines, units = {}, 0
-  for li, l in ipairs(p.lines) do
-    units = units + l.qty
-    local lk = e.lines[li]
-    local after = redis.call('HINCRBY', lk.pos, 'committed', l.qty)
-    redis.call('HINCRBY', lk.pos, 'ch:' .. req.ch, l.qty)
-    local oh = on_hand[pi][li]
-    log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
-      ohb = oh, oha = oh, cmb = after - l.qty, cma = after, at = now })
-    if held then redis.call('ZADD', lk.hx, ex, req.id) end
-    lines[li] = { sku = l.sku, loc = l.loc, qty = l.qty, shipped = 0, short = 0, released = 0 }
-  end
   local rec = { id = req.id, ch = req.ch, st = st, cr = now, ex = ex, up = now, fp = req.fp,
-                home = req.home, parts = buckets, lines = lines, ful = {} }
+                home = req.home, parts = buckets, rv = req.rv, lines = {}, ful = {} }
+  if req.cu then rec.cu = req.cu end
+  local member = lx_member(rec)
+  local ls, units = {}, 0
+  for li, l in ipairs(p.lines) do
+    local locs = l.locs or { l.loc }
+    for _, t in ipairs(plan[pi][li]) do
+      local ci, q = t[1], t[2]
+      local lk, loc = e.cands[li][ci], locs[ci]
+      units = units + q
+      local after = commit_units(lk, rec, q)
+      local oh = tonumber(redis.call('HGET', lk.pos, 'on_hand'))
+      log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
+        ohb = oh, oha = oh, cmb = after - q, cma = after, at = now })
+      if held then redis.call('ZADD', lk.hx, ex, req.id) end
+      redis.call('ZADD', lk.lx, 0, member)
+      rec.lines[#rec.lines + 1] = { sku = l.sku, loc = loc, qty = q, shipped = 0, short = 0, released = 0 }
+      ls[#ls + 1] = { l.sku, loc }
+      if routed then taken[#taken + 1] = { l.sku, loc, q } end
+    end
+  end
+  index_parts[pi] = { b = p.b, lines = ls }
   if held then stat(e.stats, units, units) else stat(e.stats, units, 0) end
   local rec_json = cjson.encode(rec)
   redis.call('HSET', e.res, req.id, rec_json)
   if held then redis.call('ZADD', e.holds, ex, req.id) end
-  -- the event carries the part as stored (status, expiry, lines)
+  -- the event carries the part as stored (status, expiry, lines, rules version)
   emit(cfg, e.events, 'reserved', req.id, req.ch, now, rec_json)
 end
 if idx then
-  redis.call('HSET', idx, req.id, cjson.encode({ fp = req.fp, ch = req.ch, cr = now, parts = index_parts }))
+  local ie = { fp = req.fp, ch = req.ch, cr = now, parts = index_parts }
+  if req.cu then ie.cu = req.cu end
+  redis.call('HSET', idx, req.id, cjson.encode(ie))
 end
+local tail = ''
+if routed then tail = ',"lines":' .. cjson.encode(taken) end
 return '{"ok":1,"replay":0,"st":"' .. st .. '","cr":' .. string.format('%d', now) ..
-  ',"ex":' .. string.format('%d', ex) .. '}'
+  ',"ex":' .. string.format('%d', ex) .. ',"rv":' .. string.format('%d', req.rv) .. tail .. '}'

@@ -5,9 +5,11 @@ is committed, an `oversell` exception is raised at once (I1).
 
 KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
+  [4] lx     position live index   [5] res  bucket reservation parts   (the shortage rule)
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
-  [2] req  JSON {sku, loc, on_hand, safety_stock (omit to keep), reason}
+  [2] req  JSON {sku, loc, on_hand, safety_stock (omit to keep), reason,
+                 prio (optional {channel: priority}: who is at risk if it no longer covers)}
 Returns JSON:
   {"ok":1,"position":{on_hand, committed, safety_stock, ch:{channel: committed}}}
   {"err":"bad_request"}
@@ -16,7 +18,8 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 3 then return refuse('bad_request', 'expected 3 keys') end
+if #KEYS ~= 5 then return refuse('bad_request', 'expected 5 keys') end
+if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
 if not is_int(req.on_hand, 0, cfg.max_on_hand) then return refuse('bad_request', 'on_hand must be a whole number from 0 to ' .. cfg.max_on_hand) end
 if req.safety_stock ~= nil and not is_int(req.safety_stock, 0, cfg.max_on_hand) then
@@ -25,6 +28,7 @@ end
 if not is_text(req.reason, 200) then return refuse('bad_request', 'reason must be 1-200 characters') end
 
 local pos_key, log_key, ev_key = KEYS[1], KEYS[2], KEYS[3]
+local lk, res_key = { pos = KEYS[1], lx = KEYS[4] }, KEYS[5]
 local now = now_ms()
 local p = read_pos(pos_key) or { on_hand = 0, committed = 0, safety_stock = 0 }
 local ss = req.safety_stock
@@ -34,5 +38,5 @@ log_move(cfg, log_key, 'set', { reason = req.reason, ohb = p.on_hand, oha = req.
   cmb = p.committed, cma = p.committed, at = now })
 emit(cfg, ev_key, 'position_set', '', '', now, { sku = req.sku, location = req.loc,
   on_hand_before = p.on_hand, on_hand_after = req.on_hand, safety_stock = ss, reason = req.reason })
-check_cover(cfg, pos_key, ev_key, req.sku, req.loc, 'set_position', '', now)
+check_cover(cfg, lk, res_key, ev_key, req.sku, req.loc, 'set_position', '', now, req.prio)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key) })
