@@ -21,7 +21,7 @@ from atp.apikeys import KeyStore
 
 from . import lane, metrics, problems
 from .lane import FastLane
-from .routes import availability, health, keys, positions, reservations
+from .routes import availability, health, keys, positions, reservations, rules
 
 log = logging.getLogger("atp.api")
 
@@ -194,7 +194,7 @@ def create_app(
         **_NO_OTEL,
     )
     problems.install(app)
-    for r in (health, positions, availability, reservations, keys):
+    for r in (health, positions, availability, reservations, rules, keys):
         app.include_router(r.router)
     fast = FastLane([*reservations.fast.routes, *availability.fast.routes], settings.max_body_bytes)
     app.add_middleware(

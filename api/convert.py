@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from atp import Availability, Movement, Position, Reservation
+from atp.models import Explanation
 
 
 def position(p: Position) -> dict[str, Any]:
@@ -49,3 +50,41 @@ def availability(a: Availability) -> dict[str, Any]:
 
 def reservation(r: Reservation) -> dict[str, Any]:
     return r.to_dict()
+
+
+def explanation(e: Explanation) -> dict[str, Any]:
+    return {
+        "sku": e.sku,
+        "location": e.location,
+        "channel": e.channel,
+        "customer_id": e.customer_id,
+        "rules_version": e.rules_version,
+        "atp": e.atp,
+        "limited_by": e.limited_by,
+        "position_atp": e.position_atp,
+        "on_hand": e.on_hand,
+        "committed": e.committed,
+        "committed_by_channel": e.committed_by_channel,
+        "safety_stock": e.safety_stock,
+        "expired_holds_reclaimable": e.expired_holds_reclaimable,
+        "protected_for_others": e.protected_for_others,
+        "protected_for_others_total": e.protected_for_others_total,
+        "cap": e.cap,
+        "cap_used": e.cap_used,
+        "cap_left": e.cap_left,
+        "buyer_limit": e.buyer_limit,
+        "buyer_used": e.buyer_used,
+        "buyer_left": e.buyer_left,
+        "holds_expiring_window_seconds": e.holds_expiring_window_seconds,
+        "holds_expiring_count": e.holds_expiring_count,
+        "holds_expiring": [
+            {
+                "reservation_id": h.reservation_id,
+                "channel": h.channel,
+                "qty": h.qty,
+                "expires_at": h.expires_at.isoformat(),
+            }
+            for h in e.holds_expiring
+        ],
+        "at": e.at.isoformat(),
+    }

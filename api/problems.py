@@ -16,11 +16,15 @@ MEDIA_TYPE = "application/problem+json"
 
 # core error -> (HTTP status, title)
 _STATUS: list[tuple[type[errors.ATPError], int, str]] = [
+    (errors.InvalidRules, 422, "Invalid rules document"),
+    (errors.CustomerRequired, 422, "Customer required"),
+    (errors.NoRoute, 422, "No route"),
     (errors.InvalidRequest, 422, "Invalid request"),
     (errors.UnknownReservation, 404, "Unknown reservation"),
     (errors.UnknownPosition, 404, "Unknown position"),
     (errors.NotFound, 404, "Not found"),
     (errors.InsufficientStock, 409, "Insufficient stock"),
+    (errors.BuyerLimitExceeded, 409, "Buyer limit exceeded"),
     (errors.IdempotencyConflict, 409, "Idempotency conflict"),
     (errors.HoldExpired, 409, "Hold expired"),
     (errors.AlreadyReleased, 409, "Reservation released"),
@@ -32,11 +36,20 @@ _STATUS: list[tuple[type[errors.ATPError], int, str]] = [
     (errors.UnknownLine, 422, "Unknown reservation line"),
     (errors.Refused, 409, "Refused"),
     (errors.WrongChannel, 403, "Wrong channel"),
+    (errors.RulesVersionConflict, 412, "Rules version conflict"),
+    (errors.RulesStale, 503, "Rules changing"),
     (errors.BackendError, 503, "Backend unavailable"),
 ]
 
 
-def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+def problem(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     body = {
         "type": PROBLEM_BASE + code,
         "title": title,
@@ -44,8 +57,14 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JS
         "detail": detail,
         **extra,
     }
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def etag(version: int) -> str:
+    """The rules version as an entity tag (``GET``/``PUT /v1/rules``, ``If-Match``)."""
+    return f'"{version}"'
 
 
 def core_problem(exc: errors.ATPError) -> JSONResponse:
@@ -56,7 +75,12 @@ def core_problem(exc: errors.ATPError) -> JSONResponse:
     extra = dict(exc.extra)
     if isinstance(exc, errors.InvalidRequest) and exc.field:
         extra["errors"] = [{"field": exc.field, "message": exc.detail}]
-    return problem(status, exc.code, title, exc.detail, **extra)
+    headers = None
+    if isinstance(exc, errors.RulesStale):  # the next try meets the new version
+        headers = {"Retry-After": "1"}
+    elif isinstance(exc, errors.RulesVersionConflict) and isinstance(extra.get("version"), int):
+        headers = {"ETag": etag(extra["version"])}
+    return problem(status, exc.code, title, exc.detail, headers, **extra)
 
 
 class AuthError(Exception):

@@ -6,11 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from atp.models import CHANNEL_RE, IDENT_RE, RESERVATION_ID_RE
+from atp.models import CHANNEL_RE, CUSTOMER_RE, IDENT_RE, REGION_RE, RESERVATION_ID_RE
+from atp.rules import RulesDocument
 
 Ident = Annotated[str, Field(pattern=f"^{IDENT_RE.pattern}$", max_length=64, examples=["SKU-1"])]
 Channel = Annotated[str, Field(pattern=f"^{CHANNEL_RE.pattern}$", max_length=32, examples=["web"])]
 ReservationId = Annotated[str, Field(pattern=f"^{RESERVATION_ID_RE.pattern}$", max_length=128)]
+CustomerId = Annotated[
+    str, Field(pattern=f"^{CUSTOMER_RE.pattern}$", max_length=128, examples=["cust-42"])
+]
+Region = Annotated[str, Field(pattern=f"^{REGION_RE.pattern}$", max_length=32, examples=["EU"])]
 
 
 def _whole(value: object) -> object:
@@ -20,6 +25,17 @@ def _whole(value: object) -> object:
 
 
 Whole = BeforeValidator(_whole)  # after the bounds, so the JSON Schema keeps them
+
+
+def _whole_numbers(value: object) -> object:
+    """``_whole`` through a whole JSON document (lists and objects)."""
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return _whole(value)
+
+
 Qty = Annotated[int, Field(ge=1, le=1_000_000_000), Whole]
 Units = Annotated[int, Field(ge=0, le=10**13), Whole]
 Reason = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
@@ -92,9 +108,53 @@ class AvailabilityOut(BaseModel):
     items: list[AvailabilityItem]
 
 
+class HoldSoonOut(BaseModel):
+    reservation_id: str
+    channel: str
+    qty: int
+    expires_at: str
+
+
+class ExplanationOut(BaseModel):
+    """``atp = max(0, min(position_atp, cap_left, buyer_left))`` (an absent limit counts
+    as no limit), ``position_atp = on_hand - committed - safety_stock -
+    protected_for_others_total``; ``limited_by`` names the term that sets ``atp``."""
+
+    sku: str
+    location: str
+    channel: str
+    customer_id: str | None
+    rules_version: int
+    atp: int
+    limited_by: str | None
+    position_atp: int
+    on_hand: int
+    committed: int
+    committed_by_channel: dict[str, int]
+    safety_stock: int
+    expired_holds_reclaimable: int = Field(
+        description="units of lapsed holds the next reserve reclaims (not in committed)"
+    )
+    protected_for_others: dict[str, int]
+    protected_for_others_total: int
+    cap: int | None
+    cap_used: int | None
+    cap_left: int | None
+    buyer_limit: int | None
+    buyer_used: int | None
+    buyer_left: int | None
+    holds_expiring_window_seconds: float
+    holds_expiring_count: int
+    holds_expiring: list[HoldSoonOut]
+    at: str
+
+
 class LineIn(Strict):
     sku: Ident
-    location: Ident
+    location: Ident | None = Field(
+        default=None,
+        description="leave out to route the line over the channel's locations (rules)",
+    )
     qty: Qty
 
 
@@ -103,6 +163,16 @@ class ReserveBody(Strict):
     channel: Channel
     lines: Annotated[list[LineIn], Field(min_length=1, max_length=1000)]
     hold_seconds: Annotated[int, Field(ge=0, le=30 * 86400), Whole] | None = None
+    customer_id: CustomerId | None = Field(
+        default=None, description="the buyer; required for a SKU that has a buyer limit"
+    )
+    region: Region | None = Field(
+        default=None, description="routes lines without a location by the channel's region list"
+    )
+    allow_split: bool | None = Field(
+        default=None,
+        description="may a routed line be split over locations; null: the channel's rule",
+    )
 
 
 class ReservationLineOut(BaseModel):
@@ -123,6 +193,8 @@ class ReservationOut(BaseModel):
     created_at: str
     expires_at: str | None
     updated_at: str
+    customer_id: str | None
+    rules_version: int = Field(description="the allocation rules version that decided it")
 
 
 class ReleaseBody(Strict):
@@ -178,6 +250,18 @@ class KeyCreated(KeyOut):
 
 class KeyList(BaseModel):
     items: list[KeyOut]
+
+
+# A rules document as PUT /v1/rules takes it: atp.rules.RulesDocument, whole-number
+# floats read as integers (JSON has one number type, as for every body here).
+RulesBody = Annotated[RulesDocument, BeforeValidator(_whole_numbers)]
+
+
+class RulesOut(BaseModel):
+    version: int = Field(description="0 when no rules were ever applied")
+    applied_at: str | None
+    applied_by: str = Field(description="the API key id (or CLI user) that applied it")
+    rules: RulesDocument
 
 
 class Problem(BaseModel):

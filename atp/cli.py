@@ -1,9 +1,14 @@
-"""The ``atp`` command: ``serve``, ``verify``, ``reap``.
+"""The ``atp`` command: ``serve``, ``verify``, ``reap``, ``rules apply``, ``rules show``.
 
 ``atp serve`` with no ``ATP_REDIS_URL`` starts the embedded server (``atp.embedded``) with
 its data in ``ATP_DATA_DIR`` (default ``./.atp-data``), writes the server's URL to
 ``<data dir>/server.url`` so other commands (``atp verify``) find it, serves the HTTP API
 with uvicorn, and stops the embedded server with itself.
+
+``atp rules apply FILE`` validates a rules document (YAML or JSON, atp.rules) and applies
+it as the next version; a document that does not validate is listed problem by problem
+(``path: message``), exit status 2, and nothing changes. ``atp rules show`` prints the
+rules in force (or ``--version N``) as YAML that ``atp rules apply`` takes back.
 """
 
 from __future__ import annotations
@@ -194,6 +199,143 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_document(path: Path) -> Any:
+    """A rules file's data: JSON for ``.json``, YAML for ``.yaml``/``.yml``, else by its
+    first character. Raises ValueError (unreadable, not JSON or YAML)."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read it: {e}") from None
+    as_json = path.suffix.lower() == ".json" or (
+        path.suffix.lower() not in (".yaml", ".yml") and text.lstrip().startswith(("{", "["))
+    )
+    try:
+        return json.loads(text) if as_json else _string_keys(yaml.safe_load(text))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"not YAML: {e}") from None
+
+
+def _string_keys(data: Any) -> Any:
+    # YAML reads a SKU or location named 12345 as a number; in the document it is a name
+    if isinstance(data, dict):
+        return {
+            str(k) if isinstance(k, int) and not isinstance(k, bool) else k: _string_keys(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_string_keys(v) for v in data]
+    return data
+
+
+def _version(least: int) -> Any:
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least or int(text) > 10**15:
+            raise argparse.ArgumentTypeError(f"a version is a whole number from {least}")
+        return int(text)
+
+    return parse
+
+
+def _where(loc: list[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "(document)"
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:128]
+    except Exception:  # no user name to be had (containers): still say where it came from
+        return "cli"
+
+
+def cmd_rules_apply(args: argparse.Namespace) -> int:
+    from .errors import InvalidRules, RulesVersionConflict
+    from .rules import parse_rules
+    from .store import ATP
+
+    path = Path(args.file)
+    try:
+        data = _load_document(path)
+        doc = parse_rules(data)
+    except ValueError as e:
+        print(f"{path}: {e}", file=sys.stderr)
+        return 2
+    except InvalidRules as e:
+        print(f"{path}: {e.detail}; nothing applied", file=sys.stderr)
+        for err in e.errors:
+            print(f"  {_where(err['loc'])}: {err['msg']}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(
+            f"{path}: valid ({len(doc.channels)} channels, {len(doc.skus)} SKUs); "
+            "nothing applied (--dry-run)"
+        )
+        return 0
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        return _no_server()
+
+    async def run() -> int:
+        async with ATP.from_url(url, settings) as core:
+            rules = await core.apply_rules(
+                doc, expect_version=args.expect_version, actor=_cli_actor()
+            )
+            return rules.version
+
+    try:
+        version = asyncio.run(run())
+    except RulesVersionConflict as e:
+        print(
+            f"atp: {e.detail}, not {args.expect_version}; nothing applied (see `atp rules show`)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"rules version {version} applied")
+    return 0
+
+
+def cmd_rules_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .rules import Rules
+    from .store import ATP
+
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        return _no_server()
+
+    async def run() -> Rules | None:
+        async with ATP.from_url(url, settings) as core:
+            if args.version is None:
+                return await core.rules(max_age=0)
+            return await core.rules_version(args.version)
+
+    rules = asyncio.run(run())
+    if rules is None:
+        print(f"atp: rules version {args.version} is not kept", file=sys.stderr)
+        return 1
+    out = rules.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if rules.version == 0:
+        print("# no rules applied (version 0)")
+    else:
+        print(f"# rules version {rules.version}, applied {out['applied_at']} by {rules.applied_by}")
+    if out["rules"]:
+        print(yaml.safe_dump(out["rules"], sort_keys=False, allow_unicode=True), end="")
+    else:
+        print("{}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atp", description="Available-to-promise core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("reap", help="reclaim expired holds once")
     r.set_defaults(func=cmd_reap)
+    rules = sub.add_parser("rules", help="apply or show the allocation rules")
+    rsub = rules.add_subparsers(dest="rules_command", required=True)
+    ra = rsub.add_parser("apply", help="validate a rules document and apply it as the next version")
+    ra.add_argument("file", help="the rules document, YAML or JSON")
+    ra.add_argument(
+        "--expect-version",
+        type=_version(0),
+        metavar="N",
+        help="apply only if the rules in force are version N (else exit 1)",
+    )
+    ra.add_argument("--dry-run", action="store_true", help="validate only; apply nothing")
+    ra.set_defaults(func=cmd_rules_apply)
+    rs = rsub.add_parser("show", help="print the rules in force (YAML)")
+    rs.add_argument("--version", type=_version(1), metavar="N", help="an earlier version")
+    rs.add_argument("--json", action="store_true", help="JSON, with version and when applied")
+    rs.set_defaults(func=cmd_rules_show)
     args = parser.parse_args(argv)
     rc: int = args.func(args)
     return rc

@@ -83,8 +83,18 @@ Units = Annotated[int, Field(ge=0, le=MAX_QTY)]
 Locations = Annotated[list[Ident], Field(max_length=64)]
 
 
+def _closed_maps(schema: dict[str, Any]) -> None:
+    # a map's keys are checked (channel, SKU, location, region names): say so in the JSON
+    # Schema too, which otherwise lets through keys that match no patternProperties
+    for prop in schema.get("properties", {}).values():
+        if "patternProperties" in prop:
+            prop.setdefault("additionalProperties", False)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, json_schema_extra=_closed_maps
+    )
 
 
 class ChannelRule(_Strict):
@@ -134,10 +144,12 @@ class RulesDocument(_Strict):
                     )
 
         for name, ch in self.channels.items():
-            for what, locs in [("locations", ch.locations), *ch.regions.items()]:
+            lists: list[tuple[tuple[str, ...], list[str]]] = [(("locations",), ch.locations)]
+            lists += [(("regions", region), locs) for region, locs in ch.regions.items()]
+            for what, locs in lists:
                 if len(set(locs)) != len(locs):
                     problems.append(
-                        {"loc": ["channels", name, what], "msg": "a location is listed twice"}
+                        {"loc": ["channels", name, *what], "msg": "a location is listed twice"}
                     )
         for where, rule in [(("default",), self.default)] + [
             (("skus", sku), r) for sku, r in self.skus.items()
@@ -229,15 +241,13 @@ class Rules:
 
     def _protections(self, sku: str, location: str) -> tuple[tuple[str, int], ...]:
         d = self.document
-        merged = dict(d.default.protect)
-        layers = [d.default.locations.get(location)]
         rule = d.skus.get(sku)
+        layers = [d.default.protect, *_at(d.default, location)]
         if rule is not None:
-            merged.update(rule.protect)
-            layers.append(rule.locations.get(location))
-        for lr in layers:
-            if lr is not None:
-                merged.update(lr.protect)
+            layers += [rule.protect, *_at(rule, location)]
+        merged: dict[str, int] = {}
+        for protect in layers:
+            merged.update(protect)
         return tuple(sorted((g, q) for g, q in merged.items() if q > 0))
 
     def cap(self, sku: str, channel: str) -> int | None:
@@ -267,6 +277,12 @@ class Rules:
 EMPTY_RULES = Rules(0)
 
 
+def _at(rule: SkuRule, location: str) -> list[dict[str, int]]:
+    """The protections a SKU rule (or the default) sets for one location, if any."""
+    lr = rule.locations.get(location)
+    return [] if lr is None else [lr.protect]
+
+
 def dump_document(doc: RulesDocument) -> dict[str, Any]:
     """The document as stored: what was set, so ``buyer_limit: null`` (no limit) and an
     absent ``buyer_limit`` (the default's) stay apart."""
@@ -275,7 +291,7 @@ def dump_document(doc: RulesDocument) -> dict[str, Any]:
 
 
 def document_json(doc: RulesDocument) -> str:
-    return json.dumps(dump_document(doc), separators=(",", ":"), sort_keys=True)
+    return json.dumps(dump_document(doc), separators=(",", ":"))  # the author's order kept
 
 
 def rules_from_stored(

@@ -640,10 +640,30 @@ class ATP:
             except RulesStale:
                 await self._rules_caught_up(parts)
                 continue
+            except NoRoute:
+                # the rules no longer route a line of it: a retry of a reservation made
+                # before still returns its original outcome (I3)
+                prior = await self._prior(reservation_id, fp, hold)
+                if prior is None:
+                    raise
+                return prior
             if out["replay"]:
                 return _original(_reservation(out), hold)
             return _fresh(reservation_id, channel, specs, out, customer_id)
         raise RulesStale("the allocation rules kept changing; try again")
+
+    async def _prior(self, rid: str, fp: str, hold: int) -> Reservation | None:
+        """The original outcome of a reserve request already taken with this id, or None
+        when there is none (or a cluster reserve of it is still under way)."""
+        raw = await self.redis.hget(self.keys.index(rid), rid)
+        if raw is None:
+            return None
+        index = json.loads(raw)
+        if index["fp"] != fp:
+            raise IdempotencyConflict(f"reservation {rid} exists with a different request")
+        if index.get("state") == "pending":
+            return None
+        return _original(await self.reservation(rid), hold)
 
     def _line_spec(
         self,
@@ -673,9 +693,9 @@ class ATP:
                     "to route it to; give a location"
                 )
             split = rules.allow_split(channel) if allow_split is None else allow_split
-            prs = [rules.protections(sku, c) for c in cands]
+            prs = [_others(rules.protections(sku, c), channel) for c in cands]
         else:
-            prs = [rules.protections(sku, loc)]
+            prs = [_others(rules.protections(sku, loc), channel)]
         return (
             sku,
             loc,
@@ -1187,6 +1207,13 @@ def _check_stream_id(value: str) -> str:
     if not all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in parts):
         raise InvalidRequest(f"not a movement id: {value!r:.40}", field="before")
     return value if sep else f"{value}-0"
+
+
+def _others(protections: tuple[tuple[str, int], ...], channel: str) -> tuple[tuple[str, int], ...]:
+    """Protections of the channels other than ``channel`` (its own never limit it)."""
+    if not any(g == channel for g, _ in protections):
+        return protections
+    return tuple([(g, q) for g, q in protections if g != channel])
 
 
 def _int_map(m: Any) -> dict[str, int]:

@@ -163,12 +163,12 @@ async def verify(
         sku = _s(key_raw).split(":sku:", 1)[1]
         seen_sku.add(sku)
         got = {_s(k): int(v) for k, v in (await r.hgetall(key_raw)).items()}
-        want = {k: v for k, v in sku_tot.get(sku, {}).items() if v}
-        if got != want:
-            bad = sorted(k for k in got.keys() | want.keys() if got.get(k, 0) != want.get(k, 0))
+        held = {k: v for k, v in sku_tot.get(sku, {}).items() if v}
+        if got != held:
+            bad = sorted(k for k in got.keys() | held.keys() if got.get(k, 0) != held.get(k, 0))
             problem(
                 f"{sku}: SKU totals {[(k, got.get(k, 0)) for k in bad[:5]]} but its "
-                f"reservations hold {[(k, want.get(k, 0)) for k in bad[:5]]} (I2)"
+                f"reservations hold {[(k, held.get(k, 0)) for k in bad[:5]]} (I2)"
             )
     for sku, tot in sku_tot.items():
         if sku not in seen_sku and any(tot.values()):

@@ -1,18 +1,39 @@
-"""How close does ``ATP.reserve`` come to the client's ceiling for one script call?
+"""How close does ``ATP.reserve`` come to the client's ceiling for one script call, and
+what do allocation rules cost it?
 
 One run, one embedded server (started here in a temporary directory, loopback only,
-stopped in a ``finally``), redis.asyncio with N concurrent asyncio tasks:
+stopped in a ``finally``), redis.asyncio with N concurrent asyncio tasks.
+
+The default scenario, the ceiling:
 
 * ``noop``    the client's ceiling: ``core.scripts.call(core.redis, "noop", [key], [])``,
               the same EVALSHA path ``reserve`` takes, on a script that does nothing;
 * ``reserve`` ``core.reserve(...)`` through the public API on ONE hot SKU (on_hand huge,
               confirmed at once, a unique id per call, qty 1).
 
-Each measurement runs for ``--seconds`` after a 1 s warm-up of the same operation; the two
-are interleaved (noop, reserve, noop, reserve, ...) for ``--rounds`` rounds and the medians
-are reported, since the machine is shared and noisy. The goal: reserve/noop >= 0.7.
+``--rules``, the cost of allocation rules (issue 4; aim: rules/norules >= 0.8):
+
+* ``norules`` ``core.reserve(...)`` on a deployment with no rules applied (key prefix
+              ``bnr:``);
+* ``rules``   the same calls on a deployment (prefix ``bru:``, same server) under a rules
+              document of 5 channels: priorities, default protection for 2 channels, caps
+              for 2 channels, a buyer limit, and per-SKU overrides for every SKU benchmarked
+              (``rules_document``). Both sides send the same requests: one line of qty 1 on
+              one of ``--skus`` SKUs at DC1, the channel cycling over the 5 channels, a
+              customer id from a pool of 100k, confirmed at once. The limits are set so they
+              never bind (on_hand huge, caps and buyer limit far above what a run reserves):
+              every call succeeds and both sides do the same work, so the ratio is what
+              enforcing the rules costs, not the price of refusals.
+              Afterwards ``atp.verify.verify`` checks both books (OK / FAILED).
+
+Each measurement runs for ``--seconds`` after a warm-up of the same operation; the two
+are interleaved for ``--rounds`` rounds (A, B, A, B, ...; with ``--rules`` the order
+alternates, A B, B A, ...) and the medians are reported, since the machine is shared and
+noisy. ``--rules`` also prints client + server CPU per call: on a busy 2-core machine it
+is a steadier measure of the cost than ops/s.
 
     python benchmarks/bench_core.py [--seconds 5] [--tasks 64] [--appendfsync everysec]
+    python benchmarks/bench_core.py --rules [--seconds 3] [--rounds 4] [--skus 8]
 
 Everything is bounded in time: every call has a socket timeout, every phase a deadline,
 and the whole run a budget after which it is cancelled and the server stopped.
@@ -32,6 +53,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,6 +61,7 @@ import redis
 import redis.asyncio as aioredis
 
 from atp import ATP, EmbeddedServer, Settings
+from atp.verify import verify
 
 SKU, LOC, CHANNEL = "BENCH-HOT-1", "DC1", "web"
 ON_HAND = 10**11
@@ -59,6 +82,11 @@ class Phase:
     @property
     def rate(self) -> float:
         return self.ops / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        """Client and server CPU per call, in microseconds."""
+        return 1e6 * (self.client_cpu + self.server_cpu) / self.rate
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -138,7 +166,211 @@ async def run_phase(
     )
 
 
-async def bench(args: argparse.Namespace, server: EmbeddedServer) -> None:
+# --rules: the same reserve calls without rules and under a rules document of 5 channels.
+RULES_LOC = "DC1"
+RULES_CHANNELS = ("web", "app", "stores", "marketplace", "b2b")
+RULES_CUSTOMERS = 100_000  # customer ids cycle over this many
+NEVER_BINDS = 10**10  # caps and buyer limit of the benchmarked SKUs: far above any run
+
+
+def rules_sku(i: int) -> str:
+    return f"BENCH-R-{i:02d}"
+
+
+def rules_document(skus: list[str]) -> dict[str, Any]:
+    """A realistic document of 5 channels: priorities and routing lists for each, default
+    protection for 2 channels, default caps for 2, a default buyer limit, per-SKU overrides
+    (protection, one location's protection, caps, buyer limit) for every benchmarked SKU,
+    and 500 other SKUs with overrides of their own (so the lookups are not in a toy dict).
+    The benchmarked SKUs' caps and buyer limit never bind (see the module docstring)."""
+    other = {
+        f"CAT-{i:05d}": {
+            "protect": {"web": 5 + i % 20},
+            "cap": {"marketplace": 50 + i % 100},
+            "buyer_limit": 1 + i % 4,
+        }
+        for i in range(500)
+    }
+    bench = {
+        sku: {
+            "protect": {"web": 50, "app": 10},  # merged over the default's web and stores
+            "cap": {"marketplace": NEVER_BINDS, "b2b": NEVER_BINDS},
+            "buyer_limit": NEVER_BINDS,
+            "locations": {RULES_LOC: {"protect": {"stores": 25}}},
+        }
+        for sku in skus
+    }
+    return {
+        "description": "bench_core --rules: 5 channels",
+        "channels": {
+            "web": {"priority": 100, "locations": ["DC1", "DC2"], "regions": {"EU": ["DC2"]}},
+            "app": {"priority": 90, "locations": ["DC1", "DC2"]},
+            "stores": {"priority": 50, "locations": ["DC2", "DC1"], "allow_split": True},
+            "marketplace": {"priority": 20, "locations": ["DC1"]},
+            "b2b": {"priority": 10, "locations": ["DC2"]},
+        },
+        "default": {
+            "protect": {"web": 20, "stores": 10},
+            "cap": {"marketplace": 500, "b2b": 2000},
+            "buyer_limit": 4,
+        },
+        "skus": {**other, **bench},
+    }
+
+
+async def bench_rules(
+    args: argparse.Namespace, server_pid: int, client: aioredis.Redis, server: EmbeddedServer
+) -> bool:
+    """``norules`` vs ``rules``: the same reserve calls on two deployments of one server."""
+    skus = [rules_sku(i) for i in range(args.skus)]
+    cores: dict[str, ATP] = {}
+    for name, prefix in (("norules", "bnr:"), ("rules", "bru:")):
+        st = Settings(redis_url=server.url, key_prefix=prefix, data_dir=server.data_dir)
+        core = cores[name] = ATP(client, st)  # one client: closed once, by the caller
+        await core.start()
+        for sku in skus:
+            await core.set_position(sku, RULES_LOC, ON_HAND)
+    applied = await cores["rules"].apply_rules(rules_document(skus), actor="bench")
+    doc = applied.document
+    print(
+        f"rules       version {applied.version}: {len(doc.channels)} channels "
+        f"({', '.join(f'{c} {r.priority}' for c, r in doc.channels.items())}); default "
+        f"protect {dict(doc.default.protect)}, cap {dict(doc.default.cap)}, buyer limit "
+        f"{doc.default.buyer_limit}; {len(doc.skus)} SKU overrides"
+    )
+    sample = skus[0]
+    caps = [(c, applied.cap(sample, c)) for c in RULES_CHANNELS if applied.cap(sample, c)]
+    print(
+        f"            {sample} at {RULES_LOC}: protections "
+        f"{applied.protections(sample, RULES_LOC)}, caps {caps}, "
+        f"buyer limit {applied.buyer_limit(sample)}"
+    )
+    print(
+        f"requests    1 line, qty 1, {len(skus)} SKUs at {RULES_LOC}, channels "
+        f"{'/'.join(RULES_CHANNELS)} in turn, customer ids from a pool of "
+        f"{RULES_CUSTOMERS:,}, confirmed at once; the same on both sides"
+    )
+    print()
+
+    run_tag = f"r{int(time.time())}"
+    nsku, nch = len(skus), len(RULES_CHANNELS)
+
+    def reserve_on(core: ATP) -> Callable[[], Awaitable[object]]:
+        ids = itertools.count()
+
+        async def reserve() -> object:
+            i = next(ids)
+            return await core.reserve(
+                f"{run_tag}-{i}",
+                RULES_CHANNELS[i % nch],
+                [(skus[i % nsku], RULES_LOC, 1)],
+                hold_seconds=0,
+                customer_id=f"cust-{i % RULES_CUSTOMERS}",
+            )
+
+        return reserve
+
+    ops = [(name, reserve_on(core)) for name, core in cores.items()]
+    results = await run_rounds(args, ops, server_pid, client, alternate=True)
+
+    def med(name: str, attr: str) -> float:
+        return float(statistics.median(getattr(p, attr) for p in results[name]))
+
+    print()
+    print_table(args, results, med)
+    a, b = med("norules", "rate"), med("rules", "rate")
+    ratio = b / a
+    per_round = [r.rate / n.rate for n, r in zip(results["norules"], results["rules"], strict=True)]
+    print()
+    print(f"reservations/s: norules {a:,.0f}, rules {b:,.0f}")
+    print(
+        f"ratio rules/norules = {ratio:.2f} (per round: "
+        f"{', '.join(f'{x:.2f}' for x in per_round)}; median of rounds "
+        f"{statistics.median(per_round):.2f}); aim >= 0.80: "
+        f"{'MET' if ratio >= 0.8 else 'NOT MET'}"
+    )
+    print(
+        f"client time per call: norules {1e6 * med('norules', 'client_cpu') / a:.1f} us, "
+        f"rules {1e6 * med('rules', 'client_cpu') / b:.1f} us; server time per call: "
+        f"norules {1e6 * med('norules', 'server_cpu') / a:.1f} us, "
+        f"rules {1e6 * med('rules', 'server_cpu') / b:.1f} us"
+    )
+    cn, cr = med("norules", "cpu_us"), med("rules", "cpu_us")
+    print(
+        f"client + server CPU per call: norules {cn:.1f} us, rules {cr:.1f} us; norules/rules "
+        f"= {cn / cr:.2f}, what the throughput ratio tends to when the two processes share "
+        "saturated cores (less sensitive to a noisy neighbour than ops/s)"
+    )
+    errors = any(p.errors for ps in results.values() for p in ps)
+    if errors:
+        print("WARNING: some calls failed (see the traceback above); figures are suspect")
+
+    # the rules side really was decided under the rules (the version is on the reservation)
+    first = {name: await core.reservation(f"{run_tag}-0") for name, core in cores.items()}
+    print(
+        f"rules versions on the first reservation: norules {first['norules'].rules_version}, "
+        f"rules {first['rules'].rules_version}"
+    )
+    t0 = time.perf_counter()
+    ok = first["rules"].rules_version == applied.version
+    for name, core in cores.items():
+        rep = await verify(core, check_log=not args.no_log_check)
+        ok = ok and rep.ok
+        print(f"verify {name:<8} {rep.summary()}")
+        for msg in rep.problems[:10]:
+            print(f"  {msg}")
+    print(
+        f"verify: {'OK' if ok else 'FAILED'} ({time.perf_counter() - t0:.1f} s; "
+        f"{'without' if args.no_log_check else 'with'} the movement logs)"
+    )
+    return ok
+
+
+async def run_rounds(
+    args: argparse.Namespace,
+    ops: list[tuple[str, Callable[[], Awaitable[object]]]],
+    server_pid: int,
+    client: aioredis.Redis,
+    *,
+    alternate: bool = False,
+) -> dict[str, list[Phase]]:
+    """``--rounds`` rounds of every op in turn, each printed as it ends. ``alternate``
+    reverses the order every other round (A B, B A, ...), so neither op always runs
+    right after the other (an AOF rewrite or a neighbour's burst falls on both alike)."""
+    results: dict[str, list[Phase]] = {name: [] for name, _ in ops}
+    for rnd in range(1, args.rounds + 1):
+        for name, op in ops[::-1] if alternate and rnd % 2 == 0 else ops:
+            ph = await run_phase(
+                name, op, args.tasks, args.seconds, args.warmup, server_pid, client
+            )
+            results[name].append(ph)
+            print(
+                f"  round {rnd} {name:<8} {ph.rate:>9,.0f} ops/s  p50 {ph.p50_ms:6.2f} ms  "
+                f"p99 {ph.p99_ms:6.2f} ms  client CPU {ph.client_cpu:4.0%}  "
+                f"server CPU {ph.server_cpu:4.0%}  script {ph.script_us:5.1f} us  "
+                f"errors {ph.errors}",
+                flush=True,
+            )
+    return results
+
+
+def print_table(
+    args: argparse.Namespace,
+    results: dict[str, list[Phase]],
+    med: Callable[[str, str], float],
+) -> None:
+    print(f"medians of {args.rounds} rounds, {args.tasks} tasks, appendfsync {args.appendfsync}")
+    print("| op      |    ops/s | p50 ms | p99 ms | client CPU | server CPU | script us/call |")
+    print("| ------- | -------: | -----: | -----: | ---------: | ---------: | -------------: |")
+    for name in results:
+        print(
+            f"| {name:<7} | {med(name, 'rate'):>8,.0f} | {med(name, 'p50_ms'):6.2f} | "
+            f"{med(name, 'p99_ms'):6.2f} | {med(name, 'client_cpu'):>10.0%} | "
+            f"{med(name, 'server_cpu'):>10.0%} | {med(name, 'script_us'):>14.1f} |"
+        )
+
+
+async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
     assert server.proc is not None
     server_pid = server.proc.pid
     client = aioredis.Redis.from_url(
@@ -180,6 +412,8 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> None:
             f"{args.warmup:g} s warm-up, {args.rounds} interleaved rounds, CPUs: {os.cpu_count()}"
         )
         print()
+        if args.rules:
+            return 0 if await bench_rules(args, server_pid, client, server) else 1
 
         await core.set_position(SKU, LOC, ON_HAND)
         noop_key = core.keys.position(SKU, LOC).pos
@@ -227,20 +461,7 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> None:
         ]
         if args.with_script:
             ops.append(("script", script))
-        results: dict[str, list[Phase]] = {name: [] for name, _ in ops}
-        for rnd in range(1, args.rounds + 1):
-            for name, op in ops:
-                ph = await run_phase(
-                    name, op, args.tasks, args.seconds, args.warmup, server_pid, client
-                )
-                results[name].append(ph)
-                print(
-                    f"  round {rnd} {name:<8} {ph.rate:>9,.0f} ops/s  p50 {ph.p50_ms:6.2f} ms  "
-                    f"p99 {ph.p99_ms:6.2f} ms  client CPU {ph.client_cpu:4.0%}  "
-                    f"server CPU {ph.server_cpu:4.0%}  script {ph.script_us:5.1f} us  "
-                    f"errors {ph.errors}",
-                    flush=True,
-                )
+        results = await run_rounds(args, ops, server_pid, client)
 
         pos = await core.position(SKU, LOC)
         reserved = sum(p.ops for name in ("reserve", "script") for p in results.get(name, []))
@@ -255,17 +476,7 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> None:
             return float(statistics.median(getattr(p, attr) for p in results[name]))
 
         print()
-        print(
-            f"medians of {args.rounds} rounds, {args.tasks} tasks, appendfsync {args.appendfsync}"
-        )
-        print("| op      |    ops/s | p50 ms | p99 ms | client CPU | server CPU | script us/call |")
-        print("| ------- | -------: | -----: | -----: | ---------: | ---------: | -------------: |")
-        for name in results:
-            print(
-                f"| {name:<7} | {med(name, 'rate'):>8,.0f} | {med(name, 'p50_ms'):6.2f} | "
-                f"{med(name, 'p99_ms'):6.2f} | {med(name, 'client_cpu'):>10.0%} | "
-                f"{med(name, 'server_cpu'):>10.0%} | {med(name, 'script_us'):>14.1f} |"
-            )
+        print_table(args, results, med)
         ratio = med("reserve", "rate") / med("noop", "rate")
         per_round = [
             r.rate / n.rate for n, r in zip(results["noop"], results["reserve"], strict=True)
@@ -300,29 +511,52 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> None:
             print("WARNING: some calls failed (see the traceback above); figures are suspect")
     finally:
         await core.aclose()
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="before each measurement (default 1)")
+    ap.add_argument("--seconds", type=float, help="per measurement (default 5; 3 with --rules)")
+    ap.add_argument(
+        "--warmup", type=float, help="before each measurement (default 1; 0.5 with --rules)"
+    )
     ap.add_argument("--tasks", type=int, default=64, help="concurrent asyncio tasks (default 64)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 4 with --rules)")
     ap.add_argument("--appendfsync", choices=("no", "everysec", "always"), default="everysec")
     ap.add_argument(
         "--with-script",
         action="store_true",
         help="also measure the bare reserve script (no atp.store work): a diagnostic",
     )
+    ap.add_argument(
+        "--rules",
+        action="store_true",
+        help="reserve without rules vs under a rules document of 5 channels, then verify",
+    )
+    ap.add_argument("--skus", type=int, default=8, help="SKUs reserved with --rules (default 8)")
+    ap.add_argument(
+        "--no-log-check",
+        action="store_true",
+        help="with --rules, verify without reading the movement logs (faster)",
+    )
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's loop")
     args = ap.parse_args()
+    # --rules runs short by default (about 30 s plus the check): two ops, 4 rounds of 3.5 s
+    for name, plain, rules in (("seconds", 5.0, 3.0), ("warmup", 1.0, 0.5), ("rounds", 5, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, rules if args.rules else plain)
     if args.seconds <= 0 or args.tasks < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--seconds > 0, --tasks >= 1, --rounds >= 1, --warmup >= 0")
+    if not 1 <= args.skus <= 100:
+        ap.error("--skus from 1 to 100")
+    if args.rules and args.with_script:
+        ap.error("--with-script belongs to the ceiling scenario, not --rules")
 
-    # the whole run: rounds x (noop + reserve) x (warm-up + measurement), plus slack
-    budget = args.rounds * (3 if args.with_script else 2) * (args.seconds + args.warmup) + 60
+    # the whole run: rounds x ops x (warm-up + measurement), plus slack (and the check)
+    n_ops = 3 if args.with_script else 2
+    budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if args.rules else 60)
     with tempfile.TemporaryDirectory(prefix="atp-bench-") as tmp:
         server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)
         server.start()
@@ -331,15 +565,15 @@ def main() -> int:
             if args.uvloop:
                 import uvloop
 
-                uvloop.run(coro)
+                rc = uvloop.run(coro)
             else:
-                asyncio.run(coro)
+                rc = asyncio.run(coro)
         except TimeoutError:
             print(f"benchmark exceeded its {budget:.0f} s budget; stopped", file=sys.stderr)
             return 1
         finally:
             server.stop()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

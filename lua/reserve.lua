@@ -165,15 +165,19 @@ end
 -- per line, the ATP of each candidate; a routed line takes the first candidate that holds
 -- it whole, else (split) the candidates in order
 local plan = {}   -- plan[pi][li] = list of {ci, qty}
+local onh = {}    -- onh[pi][li][ci] = on_hand read while deciding (reused for the log)
 for pi, p in ipairs(req.parts) do
   plan[pi] = {}
+  onh[pi] = {}
   for li, l in ipairs(p.lines) do
     local locs = l.locs or { l.loc }
     local avail, raw_ok, any = {}, false, false
+    onh[pi][li] = {}
     for ci, lk in ipairs(pk[pi].cands[li]) do
       local pos = read_pos(lk.pos)
       if pos then
         any = true
+        onh[pi][li][ci] = pos.on_hand
         local prs = l.pr and l.pr[ci]
         local a = channel_atp(pos, req.ch, prs, function(g)
           return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
@@ -248,7 +252,7 @@ for pi, p in ipairs(req.parts) do
       local lk, loc = e.cands[li][ci], locs[ci]
       units = units + q
       local after = commit_units(lk, rec, q)
-      local oh = tonumber(redis.call('HGET', lk.pos, 'on_hand'))
+      local oh = onh[pi][li][ci]
       log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
         ohb = oh, oha = oh, cmb = after - q, cma = after, at = now })
       if held then redis.call('ZADD', lk.hx, ex, req.id) end

@@ -1,9 +1,12 @@
 """`atp serve` as a user runs it: embedded server, demo, refusal without a key, clean stop,
 and `atp verify` against what it serves. Each test runs the real command in a subprocess
-on loopback and stops it (and with it the embedded server) in a `finally`."""
+on loopback and stops it (and with it the embedded server) in a `finally`.
+
+`atp rules apply` and `atp rules show` run as subprocesses against the session server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,11 +17,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from atp import ATP, EmbeddedServer
 from atp.embedded import free_port
 
 
@@ -174,3 +179,211 @@ def test_verify_without_a_server_says_how(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "ATP_REDIS_URL" in out.stderr
+
+
+# -- atp rules ----------------------------------------------------------------------------
+
+RULES_YAML = """\
+description: flash sale
+channels:
+  web:    {priority: 100, locations: [DC1, DC2], regions: {EU: [DC2, DC1]}}
+  stores: {priority: 50, locations: [DC2], allow_split: true}
+  market: {priority: 10}
+default:
+  protect: {web: 5}
+  cap: {market: 100}
+  buyer_limit: 4
+skus:
+  FLASH-1:
+    protect: {web: 50}
+    cap: {market: 20}
+    buyer_limit: 1
+    locations:
+      DC2: {protect: {stores: 10}}
+  12345: {buyer_limit: null}
+"""
+RULES_DOC = {
+    "description": "flash sale",
+    "channels": {
+        "web": {"priority": 100, "locations": ["DC1", "DC2"], "regions": {"EU": ["DC2", "DC1"]}},
+        "stores": {"priority": 50, "locations": ["DC2"], "allow_split": True},
+        "market": {"priority": 10},
+    },
+    "default": {"protect": {"web": 5}, "cap": {"market": 100}, "buyer_limit": 4},
+    "skus": {
+        "FLASH-1": {
+            "protect": {"web": 50},
+            "cap": {"market": 20},
+            "buyer_limit": 1,
+            "locations": {"DC2": {"protect": {"stores": 10}}},
+        },
+        "12345": {"buyer_limit": None},  # a numeric name in YAML is still a name
+    },
+}
+INVALID_YAML = """\
+channels:
+  web: {priority: 100, locations: [DC1, DC1]}
+default:
+  protect: {stores: 5}
+"""
+
+
+async def _snapshot(atp: ATP) -> dict[bytes, bytes]:
+    out = {}
+    async for key in atp.redis.scan_iter(count=1000):
+        out[key] = await atp.redis.dump(key)
+    return out
+
+
+Cli = Callable[..., Awaitable["subprocess.CompletedProcess[str]"]]
+
+
+@pytest.fixture
+def cli(server: EmbeddedServer, tmp_path: Path) -> Cli:
+    """Runs ``atp`` on the session server, with the ``atp`` fixture's prefix and buckets
+    (so that fixture's core sees what the command did and its flush cleans up)."""
+
+    async def run(
+        *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "atp",
+            *args,
+            env=env
+            or _env(tmp_path, ATP_REDIS_URL=server.url, ATP_KEY_PREFIX="t:", ATP_BUCKETS="16"),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+    return run
+
+
+async def test_rules_apply_yaml_then_show(cli: Cli, atp: ATP, tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(RULES_YAML)
+    out = await cli("rules", "apply", "rules.yaml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "rules version 1 applied"
+    rules = await atp.rules(max_age=0)
+    assert rules.version == 1 and rules.applied_by.startswith("cli")
+    assert rules.to_dict()["rules"] == RULES_DOC
+    # as it holds: FLASH-1's own buyer limit over the default's, none for 12345
+    assert (rules.buyer_limit("FLASH-1"), rules.buyer_limit("12345"), rules.buyer_limit("X")) == (
+        1,
+        None,
+        4,
+    )
+
+    shown = await cli("rules", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("# rules version 1, applied ")
+    assert yaml.safe_load(shown.stdout) == RULES_DOC
+    # what show prints, apply takes back: the same document as version 2
+    (tmp_path / "again.yaml").write_text(shown.stdout)
+    out = await cli("rules", "apply", "again.yaml", "--expect-version", "1")
+    assert out.returncode == 0 and out.stdout.strip() == "rules version 2 applied", out.stderr
+    assert (await atp.rules(max_age=0)).to_dict()["rules"] == RULES_DOC
+
+    as_json = await cli("rules", "show", "--json", "--version", "1")
+    assert as_json.returncode == 0
+    body = json.loads(as_json.stdout)
+    assert set(body) == {"version", "applied_at", "applied_by", "rules"}
+    assert body["version"] == 1 and body["rules"] == RULES_DOC
+    gone = await cli("rules", "show", "--version", "9")
+    assert gone.returncode == 1 and "9" in gone.stderr
+
+
+async def test_rules_show_without_rules(cli: Cli, atp: ATP) -> None:
+    out = await cli("rules", "show")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["# no rules applied (version 0)", "{}"]
+    out = await cli("rules", "show", "--json")
+    assert json.loads(out.stdout) == {
+        "version": 0,
+        "applied_at": None,
+        "applied_by": "",
+        "rules": {},
+    }
+
+
+async def test_rules_apply_invalid_lists_problems_and_changes_nothing(
+    cli: Cli, atp: ATP, tmp_path: Path
+) -> None:
+    (tmp_path / "rules.yaml").write_text(RULES_YAML)
+    assert (await cli("rules", "apply", "rules.yaml")).returncode == 0
+    before = await _snapshot(atp)
+    (tmp_path / "bad.yaml").write_text(INVALID_YAML)
+    out = await cli("rules", "apply", "bad.yaml")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert "nothing applied" in lines[0]
+    assert sorted(ln.strip() for ln in lines[1:]) == [
+        "channels.web.locations: a location is listed twice",
+        "default.protect.stores: channel 'stores' is not declared under channels",
+    ]
+    (tmp_path / "types.yaml").write_text("channels: {web: {priority: high}}\nextra: 1\n")
+    out = await cli("rules", "apply", "types.yaml")
+    assert out.returncode == 2
+    assert [ln.split(":")[0].strip() for ln in out.stderr.splitlines()[1:]] == [
+        "channels.web.priority",
+        "extra",
+    ]
+    for text in ("channels: [unclosed", "- just\n- a list\n"):
+        (tmp_path / "worse.yaml").write_text(text)
+        out = await cli("rules", "apply", "worse.yaml")
+        assert out.returncode == 2 and out.stderr.startswith("worse.yaml: "), out.stderr
+    out = await cli("rules", "apply", "missing.yaml")
+    assert out.returncode == 2 and "missing.yaml" in out.stderr
+    # a dry run of a bad document: the same problems
+    out = await cli("rules", "apply", "bad.yaml", "--dry-run")
+    assert out.returncode == 2 and "a location is listed twice" in out.stderr
+    assert await _snapshot(atp) == before
+    assert (await atp.rules(max_age=0)).version == 1
+
+
+async def test_rules_apply_dry_run_json_and_expect_version(
+    cli: Cli, atp: ATP, tmp_path: Path
+) -> None:
+    (tmp_path / "rules.json").write_text(json.dumps(RULES_DOC))
+    out = await cli("rules", "apply", "rules.json", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "valid" in out.stdout and "nothing applied" in out.stdout
+    assert (await atp.rules(max_age=0)).version == 0
+    out = await cli("rules", "apply", "rules.json", "--expect-version", "0")
+    assert out.returncode == 0 and out.stdout.strip() == "rules version 1 applied", out.stderr
+    # JSON by its content, whatever the file is called
+    (tmp_path / "rules.txt").write_text(json.dumps({"channels": {"web": {}}}))
+    before = await _snapshot(atp)
+    out = await cli("rules", "apply", "rules.txt", "--expect-version", "0")
+    assert out.returncode == 1
+    assert "version 1" in out.stderr and "nothing applied" in out.stderr
+    assert await _snapshot(atp) == before
+    out = await cli("rules", "apply", "rules.txt", "--expect-version", "1")
+    assert out.returncode == 0 and out.stdout.strip() == "rules version 2 applied"
+    assert (await atp.rules(max_age=0)).to_dict()["rules"] == {"channels": {"web": {}}}
+    out = await cli("rules", "apply", "rules.txt", "--expect-version", "-1")
+    assert out.returncode == 2 and "--expect-version" in out.stderr
+
+
+async def test_rules_find_the_embedded_server_as_verify_does(
+    cli: Cli, server: EmbeddedServer, atp: ATP, tmp_path: Path
+) -> None:
+    (tmp_path / "rules.yaml").write_text(RULES_YAML)
+    env = _env(tmp_path, ATP_KEY_PREFIX="t:", ATP_BUCKETS="16")
+    out = await cli("rules", "apply", "rules.yaml", env=env)
+    assert out.returncode == 2 and "ATP_REDIS_URL" in out.stderr
+    assert (await atp.rules(max_age=0)).version == 0
+    # `atp serve` writes the embedded server's URL here
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "server.url").write_text(server.url + "\n")
+    out = await cli("rules", "apply", "rules.yaml", env=env)
+    assert out.returncode == 0, out.stderr
+    assert (await atp.rules(max_age=0)).version == 1
+    out = await cli("rules", "show", env=env)
+    assert yaml.safe_load(out.stdout) == RULES_DOC

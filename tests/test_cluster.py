@@ -106,7 +106,9 @@ async def test_refused_part_rolls_back_the_others(core: ATP) -> None:
     await core.set_position(c, "W", 1, reason="init")  # the last part is short
     with pytest.raises(InsufficientStock) as e:
         await core.reserve("o2", "web", [(a, "W", 2), (b, "W", 3), (c, "W", 5)])
-    assert e.value.lines == [{"sku": c, "location": "W", "requested": 5, "available": 1}]
+    assert e.value.lines == [
+        {"sku": c, "location": "W", "requested": 5, "available": 1, "limited_by": "stock"}
+    ]
     for sku in (a, b, c):
         p = await core.position(sku, "W")
         assert p is not None and p.committed == 0

@@ -1,6 +1,7 @@
 """``ATP.reserve`` writes its JSON argument and fingerprint by hand (the hot path); they
 must be byte-for-byte what ``json`` gives for the same request, so scripts, stored
-fingerprints and replays (I3) see no difference."""
+fingerprints and replays (I3) see no difference: with fixed and routed lines,
+protections, caps, buyer limits and a customer."""
 
 from __future__ import annotations
 
@@ -13,57 +14,152 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atp import ATP, Line
-from atp.models import CHANNEL_RE, IDENT_RE, RESERVATION_ID_RE
-from atp.store import _dumps, _reserve_fp_json, _reserve_req_json
+from atp.models import CHANNEL_RE, CUSTOMER_RE, IDENT_RE, REGION_RE, RESERVATION_ID_RE
+from atp.store import _dumps, _reserve_fp_json, _reserve_req_json, _Spec
 
 idents = st.from_regex(IDENT_RE, fullmatch=True)
 channels = st.from_regex(CHANNEL_RE, fullmatch=True)
 rids = st.from_regex(RESERVATION_ID_RE, fullmatch=True)
+customers = st.from_regex(CUSTOMER_RE, fullmatch=True)
+regions = st.from_regex(REGION_RE, fullmatch=True)
 qtys = st.integers(1, 10**9)
-line_lists = st.lists(
-    st.tuples(idents, idents, qtys), min_size=1, max_size=8, unique_by=lambda t: t[:2]
-)
+units = st.integers(0, 10**12)
+protections = st.lists(st.tuples(channels, units), max_size=4).map(tuple)
+caps = st.none() | units
+limits = st.none() | st.integers(1, 10**12)
 
 
-def _reference(
-    rid: str, channel: str, hold: int, home: int, parts: dict[int, list[tuple[str, str, int]]]
-) -> tuple[str, str]:
-    """The request and fingerprint as json writes them (the code before the fast path)."""
-    fp = hashlib.sha1(
-        _dumps([channel, hold, sorted(ln for p in parts.values() for ln in p)]).encode()
-    ).hexdigest()
-    req = {
+@st.composite
+def specs(draw: st.DrawFn) -> _Spec:
+    """One reserve line as the script takes it: a fixed location or routed candidates,
+    with or without protections, cap and buyer limit."""
+    sku, qty = draw(idents), draw(qtys)
+    if draw(st.booleans()):
+        cands = tuple(draw(st.lists(idents, min_size=1, max_size=4, unique=True)))
+        loc, split, n = None, draw(st.booleans()), len(cands)
+    else:
+        cands, loc, split, n = None, draw(idents), False, 1
+    prs = draw(st.none() | st.lists(protections, min_size=n, max_size=n))
+    return (sku, loc, qty, cands, split, prs, draw(caps), draw(limits))
+
+
+def _line_obj(sp: _Spec) -> dict[str, Any]:
+    sku, loc, qty, cands, split, prs, cap, bl = sp
+    out: dict[str, Any] = {"sku": sku}
+    if cands is None:
+        out["loc"] = loc
+    else:
+        out["locs"] = list(cands)
+        out["split"] = split
+    out["qty"] = qty
+    if prs is not None:
+        out["pr"] = [[[g, q] for g, q in pr] for pr in prs]
+    if cap is not None:
+        out["cap"] = cap
+    if bl is not None:
+        out["bl"] = bl
+    return out
+
+
+def _req_obj(
+    rid: str,
+    channel: str,
+    hold_ms: int,
+    fp: str,
+    home: int,
+    rv: int,
+    customer: str | None,
+    parts: dict[int, list[_Spec]],
+    idx: bool = True,
+) -> dict[str, Any]:
+    """reserve.lua's ``req`` as an object (what the code built before the fast path)."""
+    req: dict[str, Any] = {
         "id": rid,
         "ch": channel,
-        "hold": hold * 1000,
+        "hold": hold_ms,
         "fp": fp,
-        "idx": True,
+        "idx": idx,
         "home": home,
-        "parts": [
-            {"b": b, "n": len(p), "lines": [{"sku": s, "loc": loc, "qty": q} for s, loc, q in p]}
-            for b, p in parts.items()
-        ],
+        "rv": rv,
     }
-    return _dumps(req), fp
+    if customer is not None:
+        req["cu"] = customer
+    req["parts"] = []
+    for b, sl in parts.items():
+        part: dict[str, Any] = {"b": b, "n": len(sl)}
+        if any(sp[3] is not None for sp in sl):
+            part["c"] = [1 if sp[3] is None else len(sp[3]) for sp in sl]
+        part["lines"] = [_line_obj(sp) for sp in sl]
+        req["parts"].append(part)
+    return req
+
+
+def _fp_obj(
+    channel: str,
+    hold: int,
+    lines: list[tuple[str, str, int]],
+    customer: str | None,
+    region: str | None,
+    split: bool | None,
+) -> list[Any]:
+    obj: list[Any] = [channel, hold, [list(ln) for ln in lines]]
+    if customer is not None or region is not None or split is not None:
+        obj.append({"cu": customer, "rg": region, "sp": split})
+    return obj
+
+
+def _fp_lines(parts: dict[int, list[_Spec]]) -> list[tuple[str, str, int]]:
+    return sorted((sp[0], sp[1] or "", sp[2]) for sl in parts.values() for sp in sl)
 
 
 @settings(max_examples=300, deadline=None)
-@given(rid=rids, channel=channels, hold=st.integers(0, 7 * 86400), lines=line_lists,
-       buckets=st.integers(1, 5))  # fmt: skip
+@given(
+    rid=rids,
+    channel=channels,
+    hold=st.integers(0, 7 * 86400),
+    lines=st.lists(specs(), min_size=1, max_size=8),
+    buckets=st.integers(1, 5),
+    rv=st.integers(0, 10**6),
+    customer=st.none() | customers,
+    region=st.none() | regions,
+    split=st.none() | st.booleans(),
+    idx=st.booleans(),
+)
 def test_hand_written_json_matches_json(
-    rid: str, channel: str, hold: int, lines: list[tuple[str, str, int]], buckets: int
+    rid: str,
+    channel: str,
+    hold: int,
+    lines: list[_Spec],
+    buckets: int,
+    rv: int,
+    customer: str | None,
+    region: str | None,
+    split: bool | None,
+    idx: bool,
 ) -> None:
-    parts: dict[int, list[tuple[str, str, int]]] = {}
-    for ln in lines:
-        parts.setdefault(len(ln[0]) % buckets, []).append(ln)
-    want_req, want_fp = _reference(rid, channel, hold, 3, parts)
-    fp_text = _reserve_fp_json(channel, hold, sorted(ln for p in parts.values() for ln in p))
-    assert fp_text == _dumps([channel, hold, sorted(ln for p in parts.values() for ln in p)])
+    parts: dict[int, list[_Spec]] = {}
+    for sp in lines:
+        parts.setdefault(len(sp[0]) % buckets, []).append(sp)
+    fp_lines = _fp_lines(parts)
+    fp_text = _reserve_fp_json(channel, hold, fp_lines, customer, region, split)
+    assert fp_text == _dumps(_fp_obj(channel, hold, fp_lines, customer, region, split))
     fp = hashlib.sha1(fp_text.encode()).hexdigest()
-    assert fp == want_fp
-    got = _reserve_req_json(rid, channel, hold * 1000, fp, 3, parts)
-    assert got == want_req
+    got = _reserve_req_json(rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx=idx)
+    assert got == _dumps(_req_obj(rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx))
     json.loads(got)  # and it is JSON
+
+
+def test_the_fingerprint_tells_routed_and_options_apart() -> None:
+    base = _reserve_fp_json("web", 0, [("A", "W", 1)])
+    assert base == '["web",0,[["A","W",1]]]'
+    others = {
+        _reserve_fp_json("web", 0, [("A", "", 1)]),
+        _reserve_fp_json("web", 0, [("A", "W", 1)], customer="c1"),
+        _reserve_fp_json("web", 0, [("A", "W", 1)], region="EU"),
+        _reserve_fp_json("web", 0, [("A", "W", 1)], split=False),
+        _reserve_fp_json("web", 0, [("A", "W", 1)], split=True),
+    }
+    assert len(others) == 5 and base not in others
 
 
 def test_int_subclass_is_written_by_value() -> None:
@@ -73,20 +169,46 @@ def test_int_subclass_is_written_by_value() -> None:
 
         __repr__ = __str__
 
-    parts = {0: [("A", "B", Qty(5))]}
-    assert _reserve_req_json("r", "web", Qty(0), "f", 0, parts) == _dumps(
-        {"id": "r", "ch": "web", "hold": 0, "fp": "f", "idx": True, "home": 0,
+    plain: dict[int, list[_Spec]] = {0: [("A", "B", Qty(5), None, False, None, None, None)]}
+    assert _reserve_req_json("r", "web", Qty(0), "f", Qty(0), Qty(0), None, plain) == _dumps(
+        {"id": "r", "ch": "web", "hold": 0, "fp": "f", "idx": True, "home": 0, "rv": 0,
          "parts": [{"b": 0, "n": 1, "lines": [{"sku": "A", "loc": "B", "qty": 5}]}]}
+    )  # fmt: skip
+    routed: dict[int, list[_Spec]] = {
+        Qty(2): [("A", None, Qty(5), ("W1", "W2"), True, [(("x", Qty(3)),), ()], Qty(7), Qty(1))]
+    }
+    assert _reserve_req_json("r", "web", 0, "f", 1, Qty(4), "c", routed) == _dumps(
+        {"id": "r", "ch": "web", "hold": 0, "fp": "f", "idx": True, "home": 1, "rv": 4,
+         "cu": "c", "parts": [{"b": 2, "n": 1, "c": [2], "lines": [
+             {"sku": "A", "locs": ["W1", "W2"], "split": True, "qty": 5,
+              "pr": [[["x", 3]], []], "cap": 7, "bl": 1}]}]}
     )  # fmt: skip
     assert _reserve_fp_json("web", Qty(3), [("A", "B", Qty(5))]) == '["web",3,[["A","B",5]]]'
 
 
+RULES = {
+    "channels": {
+        "web-eu": {
+            "priority": 10,
+            "locations": ["DC-2", "DC-1.a_b"],
+            "regions": {"EU": ["DC-1.a_b", "DC-2"]},
+        },
+        "store": {"priority": 5},
+    },
+    "default": {"protect": {"store": 3}, "cap": {"web-eu": 1000}, "buyer_limit": 50},
+    "skus": {"SKU-0": {"protect": {"web-eu": 2}, "buyer_limit": None}},
+}
+
+
 @pytest.mark.parametrize("hold", [0, 30])
-async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int) -> None:
+@pytest.mark.parametrize("with_rules", [False, True])
+async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rules: bool) -> None:
     core = fake_atp
     skus = [f"SKU-{i}" for i in range(6)]
     for s in skus:
         await core.set_position(s, "DC-1.a_b", 100)
+        await core.set_position(s, "DC-2", 100)
+    rv = (await core.apply_rules(RULES)).version if with_rules else 0
     sent: list[tuple[str, list[str], tuple[Any, ...]]] = []
     call = core.scripts.call
 
@@ -95,23 +217,63 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int) -> None:
         return await call(client, name, keys, args)
 
     core.scripts.call = spy  # type: ignore[method-assign]
-    lines = [Line(s, "DC-1.a_b", i + 1) for i, s in enumerate(reversed(skus))]
-    first = await core.reserve("ord-1.a:b", "web-eu", lines, hold_seconds=hold, actor="me")
-    again = await core.reserve("ord-1.a:b", "web-eu", lines, hold_seconds=hold, actor="me")
+    # with rules, the last line is routed (region EU: DC-1.a_b first), split asked for
+    lines: list[Line | tuple[str, str | None, int]] = [
+        Line(s, "DC-1.a_b", i + 1) for i, s in enumerate(reversed(skus[1:]))
+    ]
+    opts: dict[str, Any] = {}
+    if with_rules:
+        lines.append(("SKU-0", None, 7))
+        opts = {"customer_id": "cust-1@x", "region": "EU", "allow_split": True}
+    else:
+        lines.append(Line("SKU-0", "DC-1.a_b", 7))
+    first = await core.reserve("ord-1.a:b", "web-eu", lines, hold_seconds=hold, actor="me", **opts)
+    again = await core.reserve("ord-1.a:b", "web-eu", lines, hold_seconds=hold, actor="me", **opts)
     assert again.replayed and again.lines == first.lines
+    assert first.rules_version == again.rules_version == rv
+    assert [(ln.sku, ln.location, ln.qty) for ln in first.lines if ln.sku == "SKU-0"] == [
+        ("SKU-0", "DC-1.a_b", 7)
+    ]
 
-    parts: dict[int, list[tuple[str, str, int]]] = {}
+    # what the script must have been sent, resolved by hand from RULES
+    parts: dict[int, list[_Spec]] = {}
     for ln in lines:
-        parts.setdefault(core.keys.bucket(ln.sku), []).append((ln.sku, ln.location, ln.qty))
-    want_req, _ = _reference("ord-1.a:b", "web-eu", hold, core.keys.bucket("ord-1.a:b"), parts)
+        sku, loc, qty = (ln.sku, ln.location, ln.qty) if isinstance(ln, Line) else ln
+        spec: _Spec
+        if not with_rules:
+            spec = (sku, loc, qty, None, False, None, None, None)
+        elif loc is None:  # SKU-0: no buyer limit; web-eu's own protection is not sent
+            pr = (("store", 3),)
+            spec = (sku, None, qty, ("DC-1.a_b", "DC-2"), True, [pr, pr], 1000, None)
+        else:
+            spec = (sku, loc, qty, None, False, [(("store", 3),)], 1000, 50)
+        parts.setdefault(core.keys.bucket(sku), []).append(spec)
+    fp_obj = _fp_obj(
+        "web-eu",
+        hold,
+        _fp_lines(parts),
+        opts.get("customer_id"),
+        opts.get("region"),
+        opts.get("allow_split"),
+    )
+    fp = hashlib.sha1(_dumps(fp_obj).encode()).hexdigest()
+    home = core.keys.bucket("ord-1.a:b")
+    req = _req_obj("ord-1.a:b", "web-eu", hold * 1000, fp, home, rv, opts.get("customer_id"), parts)
     want_keys = [core.keys.index("ord-1.a:b")]
-    for b, p in parts.items():
+    for b, sl in parts.items():
         bk = core.keys.bucket_keys(b)
         want_keys += [bk.res, bk.holds, bk.events, bk.stats]
-        for s, loc, _q in p:
-            pk = core.keys.position(s, loc)
-            want_keys += [pk.pos, pk.hx, pk.log]
+        for sku, loc, _q, cands, *_ in sl:
+            if cands is None:
+                pk = core.keys.position(sku, loc or "")
+                want_keys += [pk.sku, pk.pos, pk.hx, pk.log, pk.lx]
+            else:
+                want_keys.append(core.keys.sku(sku))
+                for c in cands:
+                    ck = core.keys.position(sku, c)
+                    want_keys += [ck.pos, ck.hx, ck.log, ck.lx]
+    assert len(sent) == 2
     for name, keys, args in sent:
         assert name == "reserve"
         assert keys == want_keys
-        assert args == (core._cfg("me", ""), want_req)
+        assert args == (core._cfg("me", ""), _dumps(req))

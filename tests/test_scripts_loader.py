@@ -88,8 +88,9 @@ async def test_call_reloads_after_flush(atp: ATP) -> None:
 def _set_call(core: ATP, sku: str, on_hand: int) -> tuple[str, list[str], list[str]]:
     k = core.keys.position(sku, "W1")
     ev = core.keys.events(core.keys.bucket(sku))
+    res = core.keys.bucket_keys(core.keys.bucket(sku)).res
     req = {"sku": sku, "loc": "W1", "on_hand": on_hand, "reason": "bulk"}
-    return "set_position", [k.pos, k.log, ev], [core._cfg("", ""), json.dumps(req)]
+    return "set_position", [k.pos, k.log, ev, k.lx, res], [core._cfg("", ""), json.dumps(req)]
 
 
 def _receive_call(core: ATP, sku: str, qty: int) -> tuple[str, list[str], list[str]]:

@@ -50,7 +50,7 @@ async def test_a_second_reaper_does_not_report_a_hold_again(atp: ATP) -> None:
     bk = atp.keys.bucket_keys(b)
     ids = [i.decode() for i in await atp.redis.zrangebyscore(bk.holds, "-inf", "+inf")]
     pk = atp.keys.position("R", "W")
-    keys = [*bk.tuple()] + [k for _ in ids for k in (pk.pos, pk.hx, pk.log)]
+    keys = [*bk.tuple()] + [k for _ in ids for k in pk.line()]
     req = {"ids": [{"id": i, "n": 1} for i in ids]}
     first = await atp._run("expire_holds", keys, atp._cfg("reaper-1", ""), req)
     second = await atp._run("expire_holds", keys, atp._cfg("reaper-2", ""), req)

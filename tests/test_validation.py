@@ -33,6 +33,7 @@ from atp import (
     UnknownPosition,
     UnknownReservation,
 )
+from atp.errors import NoRoute
 from atp.scripts import decode
 
 Call = Callable[[ATP], Awaitable[Any]]
@@ -166,6 +167,27 @@ CASES = [
     *(
         _case(f"reserve-loc-{k}", _line(loc=v), InvalidRequest, "location")
         for k, v in BAD_IDENTS.items()
+        if v is not None  # a line without a location is routed by the rules
+    ),
+    # reserve: routing (no rules are applied to this book)
+    _case("reserve-routed-without-rules", _line(loc=None), NoRoute, "location"),
+    _case(
+        "reserve-routed-and-located-same-sku",
+        _reserve(lines=[("A", None, 1), ("A", "W1", 1)]),
+        InvalidRequest,
+        "lines",
+    ),
+    _case(
+        "reserve-routed-twice-same-sku",
+        _reserve(lines=[("A", None, 1), ("A", None, 2)]),
+        InvalidRequest,
+        "lines",
+    ),
+    _case(
+        "reserve-allow-split-not-bool",
+        lambda c: c.reserve("new1", "web", [("A", None, 1)], allow_split="yes"),
+        InvalidRequest,
+        "allow_split",
     ),
     *(
         _case(f"reserve-channel-{k}", _reserve(channel=v), InvalidRequest, "channel")
@@ -583,6 +605,27 @@ LUA_RESERVE = {
     "part-bucket-float": _set(("parts", 0, "b"), 1.5),
     "part-bucket-negative": _set(("parts", 0, "b"), -1),
     "part-bucket-str": _set(("parts", 0, "b"), "3"),
+    # the allocation rules' fields
+    "rv-missing": _set(("rv",), _DEL),
+    "rv-negative": _set(("rv",), -1),
+    "rv-float": _set(("rv",), 0.5),
+    "customer-empty": _set(("cu",), ""),
+    "customer-129": _set(("cu",), "c" * 129),
+    "customer-number": _set(("cu",), 7),
+    "cap-negative": _set((*LINE0, "cap"), -1),
+    "cap-float": _set((*LINE0, "cap"), 1.5),
+    "buyer-limit-zero": _set((*LINE0, "bl"), 0),
+    "buyer-limit-str": _set((*LINE0, "bl"), "2"),
+    "split-str": _set((*LINE0, "split"), "yes"),
+    "pr-not-a-list": _set((*LINE0, "pr"), "web"),
+    "pr-two-candidates-for-one": _set((*LINE0, "pr"), [[], []]),
+    "pr-entry-not-a-list": _set((*LINE0, "pr"), ["web"]),
+    "pr-units-negative": _set((*LINE0, "pr"), [[["store", -1]]]),
+    "pr-channel-empty": _set((*LINE0, "pr"), [[["", 1]]]),
+    "locs-count-not-candidates": _set((*LINE0, "locs"), ["W1", "W2"]),
+    "locs-empty": _set((*LINE0, "locs"), []),
+    "candidates-for-a-located-line": _set(("parts", 0, "c"), [2]),
+    "candidates-zero": _set(("parts", 0, "c"), [0]),
 }
 
 
@@ -614,7 +657,14 @@ async def test_lua_reserve_rejects_mismatched_keys_and_duplicates(book: ATP) -> 
         dict(one["parts"][0]["lines"][0]),
         {**one["parts"][0]["lines"][0], "qty": 2},
     ]
-    bad.append(([*k1, *k1[-3:]], dup, "duplicate line"))
+    bad.append(([*k1, *k1[-5:]], dup, "duplicate line"))
+    # a routed line beside another line of its SKU (the script would count the SKU twice)
+    routed = json.loads(json.dumps(one))
+    routed["parts"][0]["n"] = 2
+    routed["parts"][0]["c"] = [1, 1]
+    routed["parts"][0]["lines"].append({"sku": "A", "locs": ["W2"], "split": False, "qty": 1})
+    w2 = book.keys.position("A", "W2")
+    bad.append(([*k1, w2.sku, *w2.candidate()], routed, "routed line beside its SKU"))
     # the same position split across two parts
     split = json.loads(json.dumps(one))
     split["parts"].append(json.loads(json.dumps(one["parts"][0])))
@@ -778,15 +828,15 @@ async def test_lua_expire_holds_validates(book: ATP) -> None:
         ([bk.res, bk.holds, bk.events, bk.stats], {}),
         ([bk.res, bk.holds, bk.events, bk.stats], {"ids": [{"id": "held1", "n": 1}]}),  # keys short
         (
-            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
+            [bk.res, bk.holds, bk.events, bk.stats, *pk.line()],
             {"ids": [{"id": "held1", "n": 0}]},
         ),
         (
-            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
+            [bk.res, bk.holds, bk.events, bk.stats, *pk.line()],
             {"ids": [{"id": "", "n": 1}]},
         ),
         (
-            [bk.res, bk.holds, bk.events, bk.stats, pk.pos, pk.hx, pk.log],
+            [bk.res, bk.holds, bk.events, bk.stats, *pk.line()],
             {"ids": [{"id": "held1", "n": 1.5}]},
         ),
     ]:

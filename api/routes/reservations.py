@@ -42,6 +42,9 @@ async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, An
             body.channel,
             [Line(ln.sku, ln.location, ln.qty) for ln in body.lines],
             hold_seconds=body.hold_seconds,
+            customer_id=body.customer_id,
+            region=body.region,
+            allow_split=body.allow_split,
             actor=who.key_id,
             source="api",
         )

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from atp import ATP
+
 ADMIN_KEY = "test-admin-key-0123456789abcdefXYZ"
 PROBLEM = "application/problem+json"
 
@@ -29,3 +31,11 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
     return body
+
+
+async def snapshot(atp: ATP) -> dict[bytes, bytes]:
+    """Every key of the database and its serialized value (to show nothing changed)."""
+    out = {}
+    async for key in atp.redis.scan_iter(count=1000):
+        out[key] = await atp.redis.dump(key)
+    return out

@@ -37,6 +37,10 @@ class Op:
 
 
 SHIP = {"lines": [{"sku": "SKU-1", "location": "DC1", "shipped": 1}]}
+RULES = {
+    "channels": {"web": {"priority": 100, "locations": ["DC1"]}, "marketplace": {"priority": 10}},
+    "default": {"protect": {"web": 5}, "cap": {"marketplace": 50}},
+}
 OPS = [
     Op("put_position", "PUT", "/v1/positions/SKU-1/DC1", {"on_hand": 100, "reason": "count"}),
     Op("adjust", "POST", "/v1/positions/SKU-1/DC1/adjust", {"delta": 1, "reason": "found"}),
@@ -81,6 +85,14 @@ OPS = [
     Op("fulfil_mkt", "POST", "/v1/reservations/mkt-conf/fulfil", SHIP),
     Op("create_key", "POST", "/v1/keys", {"name": "k", "scopes": ["read"]}, ok=201),
     Op("list_keys", "GET", "/v1/keys"),
+    Op("put_rules", "PUT", "/v1/rules", RULES),
+    Op("get_rules", "GET", "/v1/rules"),
+    Op(
+        "explain_web",
+        "GET",
+        "/v1/availability/explain",
+        params={"sku": "SKU-1", "location": "DC1", "channel": "web"},
+    ),
 ]
 
 # what each role gets on each operation: OK (the operation's success status) or (status, type)
@@ -121,6 +133,16 @@ EXPECT: dict[str, dict[str, Any]] = {
     },
     "create_key": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
     "list_keys": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "put_rules": {
+        "admin": OK,
+        "read": FORBIDDEN,
+        "fulfil": FORBIDDEN,
+        "web": FORBIDDEN,
+        "mkt": FORBIDDEN,
+    },
+    "get_rules": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    # as availability: the read scope, or the channel's own reserve scope
+    "explain_web": {"admin": OK, "read": OK, "web": OK, "mkt": FORBIDDEN, "fulfil": FORBIDDEN},
 }
 CASES = [(op, role) for op in OPS for role in EXPECT[op.name]]
 
@@ -159,6 +181,7 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         ("GET", "/v1/positions/{sku}/{location}"),
         ("GET", "/v1/positions/{sku}/{location}/movements"),
         ("GET", "/v1/availability"),
+        ("GET", "/v1/availability/explain"),
         ("POST", "/v1/reservations"),
         ("GET", "/v1/reservations/{reservation_id}"),
         ("POST", "/v1/reservations/{reservation_id}/confirm"),
@@ -167,6 +190,8 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         ("POST", "/v1/keys"),
         ("GET", "/v1/keys"),
         ("DELETE", "/v1/keys/{key_id}"),  # tested on its own below
+        ("PUT", "/v1/rules"),
+        ("GET", "/v1/rules"),
     }
     assert protected == templated
 
@@ -177,6 +202,7 @@ async def test_scope(
 ) -> None:
     headers = await new_key(*ROLES[role], name=role)
     before = await atp.position("SKU-1", "DC1")
+    rules_before = (await atp.rules(max_age=0)).version
     r = await call(client, op, headers)
     expected = EXPECT[op.name][role]
     if expected == OK:
@@ -187,6 +213,7 @@ async def test_scope(
         assert_problem(r, status, code)
         # a refusal changes nothing
         assert await atp.position("SKU-1", "DC1") == before
+        assert (await atp.rules(max_age=0)).version == rules_before
 
 
 BAD_AUTH = [
@@ -210,6 +237,7 @@ async def test_no_valid_key_is_401(client: httpx.AsyncClient, book: None, op: Op
         assert_problem(r, 401, "unauthorized")
         assert r.headers["www-authenticate"] == "Bearer", auth
     assert await atp.position("SKU-1", "DC1") == before
+    assert (await atp.rules(max_age=0)).version == 0
 
 
 async def test_key_with_wrong_secret_is_401(client: httpx.AsyncClient, new_key: NewKey) -> None:

@@ -9,21 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import ADMIN_KEY, Headers, Seed, assert_problem
+from api_support import ADMIN_KEY, Headers, Seed, assert_problem, snapshot
 
 from atp import ATP
 
 JSON = {"Authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"}
 SKU65 = "S" * 65
 SKU64 = "S" * 64
-
-
-async def snapshot(atp: ATP) -> dict[bytes, bytes]:
-    """Every key of the database and its serialized value."""
-    out = {}
-    async for key in atp.redis.scan_iter(count=1000):
-        out[key] = await atp.redis.dump(key)
-    return out
 
 
 @pytest.fixture

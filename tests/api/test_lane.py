@@ -80,10 +80,9 @@ values = st.recursive(
 line = st.fixed_dictionaries(
     {
         "sku": values | st.just("SKU-1"),
-        "location": values | st.just("DC1"),
         "qty": values | st.just(1),
     },
-    optional={"x": values},
+    optional={"location": values | st.just("DC1"), "x": values},
 )
 reserve_doc = st.fixed_dictionaries(
     {
@@ -91,7 +90,13 @@ reserve_doc = st.fixed_dictionaries(
         "channel": st.just("web") | values,
         "lines": st.lists(line, max_size=3) | values,
     },
-    optional={"hold_seconds": values, "extra": values},
+    optional={
+        "hold_seconds": values,
+        "extra": values,
+        "customer_id": st.just("c-1@x.com") | values,
+        "region": st.just("EU") | values,
+        "allow_split": values,
+    },
 )
 
 
@@ -159,12 +164,20 @@ STAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00")
 
 
 def body_of(
-    rid: str, *lines: tuple[str, str, int], channel: str = "web", hold: int | None = None
+    rid: str,
+    *lines: tuple[str, str | None, int],
+    channel: str = "web",
+    hold: int | None = None,
+    **extra: Any,
 ) -> bytes:
     doc: dict[str, Any] = {
         "reservation_id": rid,
         "channel": channel,
-        "lines": [{"sku": s, "location": loc, "qty": q} for s, loc, q in lines],
+        "lines": [
+            {"sku": s, "qty": q} if loc is None else {"sku": s, "location": loc, "qty": q}
+            for s, loc, q in lines
+        ],
+        **extra,
     }
     if hold is not None:
         doc["hold_seconds"] = hold
@@ -338,8 +351,64 @@ async def conversation(client: httpx.AsyncClient) -> list[tuple[str, int, dict[s
     await ask("availability, 500", "GET", f"{av}?{'sku=A&' * 500}location=DC1&channel=web", web)
     await ask("availability, 501", "GET", f"{av}?{'sku=A&' * 501}location=DC1&channel=web", web)
     await ask("availability, no key", "GET", f"{av}?sku=A&location=DC1&channel=web", {})
+
+    # allocation rules: routed lines, buyers, regions, splits; explain (FastAPI's in both)
+    await ask("routed, no rules", "POST", res, web, body_of("q-1", ("A", None, 1)))
+    for sku, loc, qty in (("C", "DC1", 6), ("C", "DC2", 3), ("D", "DC1", 3)):
+        body = json.dumps({"on_hand": qty, "reason": "seed"}).encode()
+        await ask(f"seed {sku} {loc}", "PUT", f"/v1/positions/{sku}/{loc}", JSON_ADMIN, body)
+    rules = {
+        "channels": {
+            "web": {"priority": 100, "locations": ["DC2", "DC1"], "regions": {"EU": ["DC1"]}},
+            "market": {"priority": 1, "locations": ["DC1"]},
+        },
+        "default": {"protect": {"web": 1}},
+        "skus": {"B": {"buyer_limit": 2}},
+    }
+    await ask("rules", "PUT", "/v1/rules", JSON_ADMIN, json.dumps(rules).encode())
+    await ask("routed", "POST", res, web, body_of("q-2", ("C", None, 1)))
+    await ask("routed, region", "POST", res, web, body_of("q-3", ("C", None, 1), region="EU"))
+    await ask(
+        "routed, null location",
+        "POST",
+        res,
+        web,
+        body_of("q-4", ("C", "DC1", 1)).replace(b'"DC1"', b"null"),
+    )
+    await ask("routed, split", "POST", res, web, body_of("q-5", ("C", None, 6), allow_split=True))
+    await ask("routed, too many", "POST", res, web, body_of("q-6", ("C", None, 99)))
+    await ask("protected", "POST", res, market, body_of("q-7", ("D", None, 3), channel="market"))
+    await ask("no customer", "POST", res, web, body_of("q-8", ("B", "DC1", 1)))
+    await ask(
+        "customer", "POST", res, web, body_of("q-9", ("B", "DC1", 2), customer_id="c-1@x.com")
+    )
+    await ask(
+        "replay, customer",
+        "POST",
+        res,
+        web,
+        body_of("q-9", ("B", "DC1", 2), customer_id="c-1@x.com"),
+    )
+    await ask(
+        "buyer limit", "POST", res, web, body_of("q-10", ("B", "DC1", 1), customer_id="c-1@x.com")
+    )
+    await ask("bad customer", "POST", res, web, body_of("q-11", ("B", "DC1", 1), customer_id="a b"))
+    await ask("bad region", "POST", res, web, body_of("q-11", ("A", None, 1), region="E U"))
+    await ask("null split", "POST", res, web, body_of("q-12", ("A", None, 1), allow_split=None))
+    await ask("string split", "POST", res, web, body_of("q-13", ("A", None, 1), allow_split="yes"))
+    await ask("get routed", "GET", f"{res}/q-5", web)
+    q = "sku=A&sku=B&location=DC1&channel=web"
+    await ask("availability, customer", "GET", f"{av}?{q}&customer_id=c-1%40x.com", web)
+    await ask("availability, other customer", "GET", f"{av}?{q}&customer_id=c-2", web)
+    await ask("availability, two customers", "GET", f"{av}?{q}&customer_id=a&customer_id=b", web)
+    await ask("availability, bad customer", "GET", f"{av}?{q}&customer_id=a%20b", web)
+    ex = f"{av}/explain?sku=B&location=DC1&channel=web"
+    await ask("explain", "GET", f"{ex}&customer_id=c-1%40x.com", web)
+    await ask("explain, other channel", "GET", ex.replace("web", "market"), web)
     await ask("positions after", "GET", "/v1/positions/A/DC1", ADMIN)
     await ask("positions after", "GET", "/v1/positions/B/DC1", ADMIN)
+    await ask("positions after", "GET", "/v1/positions/C/DC1", ADMIN)
+    await ask("positions after", "GET", "/v1/positions/C/DC2", ADMIN)
     return out
 
 

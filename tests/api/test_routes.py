@@ -29,6 +29,8 @@ RESERVATION_FIELDS = {
     "created_at",
     "expires_at",
     "updated_at",
+    "customer_id",
+    "rules_version",
 }
 LINE_FIELDS = {"sku", "location", "qty", "shipped", "short", "released", "open"}
 
@@ -298,6 +300,7 @@ async def test_reserve_held_then_confirm_release(
     assert res["reservation_id"] == "order-1"
     assert res["status"] == "held"
     assert res["channel"] == "web"
+    assert (res["customer_id"], res["rules_version"]) == (None, 0)  # no rules applied
     created = datetime.fromisoformat(res["created_at"])
     expires = datetime.fromisoformat(res["expires_at"])
     assert expires - created == timedelta(seconds=600)
@@ -700,7 +703,7 @@ def test_document_lists_every_answer_of_a_body(app: object) -> None:
         for m, op in ops.items()
         if "requestBody" in op
     ]
-    assert len(with_body) == 7
+    assert len(with_body) == 8
     for method, path, op in with_body:
         assert {"400", "413", "422"} <= set(op["responses"]), (method, path)
         for status in ("400", "413", "422"):

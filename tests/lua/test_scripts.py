@@ -360,7 +360,9 @@ async def test_reserve_respects_safety_stock_and_channels(core: ATP) -> None:
     await core.reserve("r1", "web", [("A", "W1", 5)], hold_seconds=0)
     with pytest.raises(InsufficientStock) as ei:
         await core.reserve("r2", "store", [("A", "W1", 4)], hold_seconds=0)
-    assert ei.value.lines == [{"sku": "A", "location": "W1", "requested": 4, "available": 3}]
+    assert ei.value.lines == [
+        {"sku": "A", "location": "W1", "requested": 4, "available": 3, "limited_by": "stock"}
+    ]
     await core.reserve("r2", "store", [("A", "W1", 3)], hold_seconds=0)
     assert await pos(core, "A") == (10, 8, 2)
     assert await by_channel(core, "A") == {"web": 5, "store": 3}
@@ -406,7 +408,9 @@ async def test_reserve_all_or_nothing(core: ATP) -> None:
         await core.reserve(
             "big", "web", [(a, "W1", 5), (b, "W1", 3), (c, "W1", 5)], hold_seconds=60
         )
-    assert ei.value.lines == [{"sku": b, "location": "W1", "requested": 3, "available": 2}]
+    assert ei.value.lines == [
+        {"sku": b, "location": "W1", "requested": 3, "available": 2, "limited_by": "stock"}
+    ]
     assert await snapshot(core) == before
     with pytest.raises(UnknownReservation):
         await core.reservation("big")
