@@ -161,3 +161,79 @@ async def test_race_multi_slot_all_or_nothing(core: ATP) -> None:
     rep = await verify(core)
     assert rep.ok, rep.problems
     assert rep.reservations == 60  # two parts for each of the 30 winners, none for losers
+
+
+RULES = {
+    "channels": {
+        "web": {"priority": 10, "locations": ["W", "W2"], "allow_split": True},
+        "market": {"priority": 1},
+    },
+    "default": {"protect": {"web": 3}, "cap": {"market": 4}, "buyer_limit": 10},
+}
+
+
+async def test_rules_on_a_cluster_protection_cap_routing(core: ATP) -> None:
+    a, b = skus_on_distinct_nodes(core, 2)
+    for sku in (a, b):
+        await core.set_position(sku, "W", 4)
+        await core.set_position(sku, "W2", 4)
+    rules = await core.apply_rules(RULES)
+    # every bucket moved to the new version, node by node
+    for bk in range(core.keys.buckets):
+        assert int(await core.redis.hget(core.keys.bucket_keys(bk).stats, "rv")) == rules.version
+    # market may not take web's protected units (4 - 3 = 1 at W), nor go over its cap
+    with pytest.raises(InsufficientStock) as e:
+        await core.reserve("m1", "market", [(a, "W", 2), (b, "W", 1)], customer_id="c1")
+    assert e.value.lines == [
+        {"sku": a, "location": "W", "requested": 2, "available": 1, "limited_by": "protection"}
+    ]
+    # a refused part on one node rolled back the other node's part
+    assert (await core.position(b, "W")).committed == 0  # type: ignore[union-attr]
+    # web routes a line over W then W2, split over both when none holds it whole
+    r = await core.reserve("w1", "web", [(a, None, 6), (b, "W", 2)], customer_id="c2")
+    assert r.rules_version == rules.version
+    assert sorted((ln.sku, ln.location, ln.qty) for ln in r.lines) == sorted(
+        [(a, "W", 4), (a, "W2", 2), (b, "W", 2)]
+    )
+    again = await core.reserve("w1", "web", [(a, None, 6), (b, "W", 2)], customer_id="c2")
+    assert again.replayed and set(again.lines) == set(r.lines)
+    await core.release("w1")
+    assert (await verify(core)).ok
+
+
+async def test_an_interrupted_apply_on_a_cluster_is_finished_by_the_next_reserve(
+    core: ATP,
+) -> None:
+    (a,) = skus_on_distinct_nodes(core, 1)
+    await core.set_position(a, "W", 10)
+    v1 = await core.apply_rules(RULES)
+    # version 2 written to the document only, as if the applying process died before it
+    # moved the buckets; this process still has version 1 cached
+    doc = {**RULES, "default": {"protect": {"web": 9}}}
+    from atp.rules import document_json, parse_rules
+
+    out = await core._run(
+        "rules_apply",
+        [core.keys.rules_doc(), core.keys.rules_history()],
+        '{"keep":100}',
+        {"doc": document_json(parse_rules(doc)), "expect": v1.version, "actor": "crashed"},
+    )
+    assert out["version"] == v1.version + 1
+    stats = core.keys.bucket_keys(core.keys.bucket(a)).stats
+    assert int(await core.redis.hget(stats, "rv")) == v1.version
+    # a reserve resolved with version 1 runs on a bucket at version 1: it is decided by
+    # version 1, as the bucket still enforces it
+    r1 = await core.reserve("m1", "market", [(a, "W", 1)], customer_id="c1")
+    assert r1.rules_version == v1.version
+    # a process that reads the rules (version 2) moves the bucket as it reserves
+    other = ATP(core.redis, core.settings)
+    await other.start()
+    r2 = await other.reserve("w2", "web", [(a, "W", 1)], customer_id="c1")
+    assert r2.rules_version == v1.version + 1
+    assert int(await core.redis.hget(stats, "rv")) == v1.version + 1
+    # now the first process is stale; its next reserve reloads and is decided by version 2,
+    # under which web protects 9: market can have 10 - 2 - (9 - 1) = 0
+    with pytest.raises(InsufficientStock):
+        await core.reserve("m2", "market", [(a, "W", 1)], customer_id="c1")
+    assert (await core.rules(max_age=3600)).version == v1.version + 1
+    assert (await verify(core)).ok
