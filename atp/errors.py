@@ -9,6 +9,7 @@
     │   └── NoRoute                   a line without a location, and no routing for it
     ├── NotFound
     │   ├── UnknownReservation
+    │   ├── UnknownException
     │   └── UnknownPosition           a call named a position that does not exist
     ├── Refused                       a valid request the current state says no to
     │   ├── InsufficientStock         not enough available to promise (carries the lines)
@@ -22,6 +23,7 @@
     │       ├── AlreadyFulfilled
     │       └── NotConfirmed
     ├── IdempotencyConflict           the same id was used for a different request (I3)
+    │   └── AlreadyResolved           an exception already resolved another way
     ├── RulesVersionConflict          a rules change based on a version no longer current
     ├── WrongChannel                  the reservation belongs to a channel the caller may not touch
     └── BackendError                  Redis or a script misbehaved: a bug or an outage
@@ -38,6 +40,7 @@ __all__ = [
     "ATPError",
     "AlreadyFulfilled",
     "AlreadyReleased",
+    "AlreadyResolved",
     "BackendError",
     "BuyerLimitExceeded",
     "CustomerRequired",
@@ -55,6 +58,7 @@ __all__ = [
     "Refused",
     "RulesStale",
     "RulesVersionConflict",
+    "UnknownException",
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",
@@ -111,6 +115,10 @@ class NotFound(ATPError):
 
 class UnknownReservation(NotFound):
     code = "unknown_reservation"
+
+
+class UnknownException(NotFound):
+    code = "unknown_exception"
 
 
 class UnknownPosition(NotFound):
@@ -170,6 +178,10 @@ class IdempotencyConflict(ATPError):
     code = "idempotency_conflict"
 
 
+class AlreadyResolved(IdempotencyConflict):
+    code = "already_resolved"
+
+
 class RulesVersionConflict(ATPError):
     code = "rules_version_conflict"
 
@@ -204,4 +216,6 @@ SCRIPT_ERRORS: dict[str, type[ATPError]] = {
     "customer_required": CustomerRequired,
     "rules_stale": RulesStale,
     "version_conflict": RulesVersionConflict,
+    "unknown_exception": UnknownException,
+    "already_resolved": AlreadyResolved,
 }

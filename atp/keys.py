@@ -31,6 +31,9 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 reservations (kept by the scripts, read by /metrics),
                                 and ``rv``, the allocation rules version the bucket
                                 enforces (atp.rules)
+``{p b}:exc``                   hash: exception id -> JSON of the exceptions raised on
+                                the bucket's positions (oversell, short pick), open
+                                until an operator resolves them
 ``{p h}:rix``                   hash, in the *home* bucket ``h = bucket(reservation id)``:
                                 reservation id -> JSON index (fingerprint, parts, lines)
 ==============================  =====================================================
@@ -101,10 +104,11 @@ class BucketKeys:
     holds: str
     events: str
     stats: str
+    exc: str
 
-    def tuple(self) -> tuple[str, str, str, str]:
+    def tuple(self) -> tuple[str, str, str, str, str]:
         """In the order the scripts take them (``part_keys`` in lua/_lib.lua)."""
-        return (self.res, self.holds, self.events, self.stats)
+        return (self.res, self.holds, self.events, self.stats, self.exc)
 
 
 class KeySpace:
@@ -153,7 +157,7 @@ class KeySpace:
 
     def bucket_keys(self, bucket: int) -> BucketKeys:
         t = self._tag_cache[bucket]
-        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats")
+        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats", f"{t}:exc")
 
     def index(self, reservation_id: str) -> str:
         """The reservation index key, in the home bucket of the reservation id."""

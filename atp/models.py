@@ -12,6 +12,9 @@ from .errors import InvalidRequest
 __all__ = [
     "IDENT_RE",
     "Availability",
+    "CountResult",
+    "CountRow",
+    "ExceptionRecord",
     "ExpireResult",
     "Explanation",
     "FulfilLine",
@@ -280,6 +283,74 @@ class Movement:
     on_hand_after: int
     committed_before: int
     committed_after: int
+    detail: dict[str, str] = field(default_factory=dict)
+    """Fields of particular kinds: a count's ``counted``, ``counted_at``, ``drift``, ``row``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CountRow:
+    """One row of a cycle count from the system of record: ``counted`` units of ``sku`` at
+    ``location`` at the time ``counted_at`` (timezone-aware). ``row`` numbers it in its
+    source (1-based), for the report and for applying it exactly once."""
+
+    sku: str
+    location: str
+    counted: int
+    counted_at: datetime
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class CountResult:
+    """What became of one count row.
+
+    ``status``: ``applied``; ``already`` (this count id applied the row before: the figures
+    are the original ones); ``dry`` (would apply; nothing written); ``refused`` (``reason``
+    and ``detail`` say why; nothing written).
+    """
+
+    row: int
+    status: Literal["applied", "already", "dry", "refused"]
+    sku: str = ""
+    location: str = ""
+    reason: str | None = None
+    detail: str | None = None
+    on_hand_before: int | None = None
+    on_hand_after: int | None = None
+    on_hand_at_count: int | None = None
+    """on_hand the position had at ``counted_at`` (from its movement log)."""
+    drift: int | None = None
+    """counted - on_hand at the count's time: what the system had wrong."""
+    committed: int | None = None
+    safety_stock: int | None = None
+    units_at_risk: int = 0
+    exception_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionRecord:
+    """Something order management must act on (an oversell after a count or a short pick,
+    a short pick): open until an operator resolves it."""
+
+    id: str
+    kind: str
+    status: Literal["open", "resolved"]
+    raised_at: datetime
+    data: dict[str, Any]
+    """Everything the script recorded: sku, location, cause, shortfall, at_risk (the
+    reservations the shortage rule chose), count, reservation_id…"""
+    resolution: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.data.items() if k not in ("id", "kind", "status", "raised_at")}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "raised_at": self.raised_at.isoformat(),
+            **out,
+            "resolution": self.resolution,
+        }
 
 
 @dataclass(frozen=True, slots=True)

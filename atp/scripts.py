@@ -36,6 +36,8 @@ NAMES = (
     "explain",
     "rules_apply",
     "rules_bump",
+    "count",
+    "resolve",
     "noop",
 )
 _INCLUDE = re.compile(r'^--- @include "([a-z_]+)"\s*$', re.MULTILINE)

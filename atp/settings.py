@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="seconds between hold reaps in `atp serve`; 0 = off"
     )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    count_skew_seconds: int = Field(
+        default=300, ge=0, le=86_400, description="how far in the future a count may be dated"
+    )
 
     @model_validator(mode="after")
     def _no_weak_secrets(self) -> Settings:

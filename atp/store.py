@@ -11,13 +11,14 @@ import hashlib
 import json
 import time
 from collections.abc import Collection, Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 
 from .errors import (
+    AlreadyFulfilled,
     ATPError,
     HoldExpired,
     IdempotencyConflict,
@@ -25,13 +26,18 @@ from .errors import (
     NoRoute,
     OverFulfil,
     RulesStale,
+    UnknownException,
     UnknownLine,
     UnknownReservation,
     WrongChannel,
 )
 from .keys import KeySpace
 from .models import (
+    IDENT_RE,
     Availability,
+    CountResult,
+    CountRow,
+    ExceptionRecord,
     ExpireResult,
     Explanation,
     FulfilLine,
@@ -143,7 +149,7 @@ class ATP:
         check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
 
-    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str]:
+    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str, str]:
         return self.keys.bucket_keys(bucket).tuple()
 
     def _keys(
@@ -197,7 +203,10 @@ class ATP:
         if safety_stock is not None:
             check_int(safety_stock, "safety_stock", 0, m)
         check_text(reason, "reason")
-        req: dict[str, Any] = {"sku": sku, "loc": location, "on_hand": on_hand, "reason": reason}
+        req: dict[str, Any] = {
+            "sku": sku, "loc": location, "b": self.keys.bucket(sku), "on_hand": on_hand,
+            "reason": reason,
+        }  # fmt: skip
         if safety_stock is not None:
             req["safety_stock"] = safety_stock
         await self._with_priorities(req)
@@ -227,7 +236,10 @@ class ATP:
             raise InvalidRequest("delta must not be zero", field="delta")
         check_text(reason, "reason")
         check_text(reference, "reference", required=False)
-        req = {"sku": sku, "loc": location, "delta": delta, "reason": reason, "ref": reference}
+        req = {
+            "sku": sku, "loc": location, "b": self.keys.bucket(sku), "delta": delta,
+            "reason": reason, "ref": reference,
+        }  # fmt: skip
         if delta < 0:
             await self._with_priorities(req)
         out = await self._run(
@@ -373,7 +385,7 @@ class ATP:
                     sku, loc = pairs[i]
                     b = self.keys.bucket(sku)
                     lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx
-                    bk = self._bucket_keys(b)  # res, holds, events, stats
+                    bk = self._bucket_keys(b)  # res, holds, events, stats, exc
                     keys += (bk[3], bk[0], lk[1], lk[2], lk[0])
                     item: dict[str, Any] = {"sku": sku, "loc": loc}
                     if rules.version:
@@ -517,10 +529,168 @@ class ATP:
             req["prio"] = rules.priorities()
 
     def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of set_position and adjust: pos, log, events, lx, res."""
+        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc."""
         _, pos, _, log, lx = self._line_keys(sku, location)
-        res, _, events, _ = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res)
+        res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
+        return (pos, log, events, lx, res, stats, exc)
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    async def apply_counts(
+        self,
+        count_id: str,
+        rows: Sequence[CountRow],
+        *,
+        dry_run: bool = False,
+        source: str = "",
+        actor: str = "",
+    ) -> list[CountResult]:
+        """Apply cycle-count rows, each as of its ``counted_at`` (lua/count.lua explains the
+        arithmetic and every reason a row is refused). Rows are independent: a refused row
+        changes nothing and the others apply. Applying the same rows again under the same
+        ``count_id`` applies none twice (``already``), so a crashed batch can be retried.
+
+        :param count_id: names the count (its movements' ``ref``), 1-128 characters.
+        :param rows: at most 10,000 per call; results come back in the same order.
+        :param dry_run: decide every row, write nothing (status ``dry``).
+        """
+        check_reservation_id(count_id)
+        check_text(source, "source", 128, required=False)
+        if len(rows) > 10_000:
+            raise InvalidRequest("at most 10,000 count rows per call", field="rows")
+        results: list[CountResult | None] = [None] * len(rows)
+        groups: dict[int, list[tuple[int, CountRow]]] = {}
+        for i, r in enumerate(rows):
+            bad = _count_row_problem(r, self.settings.max_on_hand)
+            if bad is not None:
+                results[i] = CountResult(
+                    row=r.row if isinstance(r.row, int) else 0, status="refused",
+                    sku=str(getattr(r, "sku", "")), location=str(getattr(r, "location", "")),
+                    reason=bad[0], detail=bad[1],
+                )  # fmt: skip
+                continue
+            groups.setdefault(self.keys.bucket(r.sku), []).append((i, r))
+        if groups:
+            cfg = _dumps(
+                {
+                    **self._cfg_base, "actor": actor, "source": source,
+                    "skew": self.settings.count_skew_seconds * 1000,
+                    "risk_max": 500,
+                }
+            )  # fmt: skip
+            prio = (await self.rules()).priorities()
+            calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
+            for call in calls:
+                keys: list[str] = []
+                req_groups = []
+                for b, members in call:
+                    res, _, events, stats, exc = self._bucket_keys(b)
+                    keys += (events, res, stats, exc)
+                    for _, r in members:
+                        _, pos, _, log, lx = self._line_keys(r.sku, r.location)
+                        keys += (pos, log, lx)
+                    req_groups.append(
+                        {
+                            "b": b,
+                            "rows": [
+                                {"sku": r.sku, "loc": r.location, "q": r.counted,
+                                 "t": _dt_ms(r.counted_at), "row": r.row}
+                                for _, r in members
+                            ],
+                        }
+                    )  # fmt: skip
+                req = {"cid": count_id, "dry": dry_run, "prio": prio, "groups": req_groups}
+                out = await self._run("count", keys, cfg, req)
+                flat = [(i, r) for _, members in call for i, r in members]
+                for (i, r), o in zip(flat, out["rows"], strict=True):
+                    results[i] = CountResult(
+                        row=r.row, status=o["st"], sku=r.sku, location=r.location,
+                        reason=o.get("reason"), detail=o.get("detail"),
+                        on_hand_before=o.get("before"), on_hand_after=o.get("after"),
+                        on_hand_at_count=o.get("at_t"), drift=o.get("drift"),
+                        committed=o.get("committed"), safety_stock=o.get("safety_stock"),
+                        units_at_risk=int(o.get("at_risk") or 0),
+                        exception_id=o.get("exception"),
+                    )  # fmt: skip
+        return [r for r in results if r is not None]
+
+    async def exceptions(
+        self, *, status: str | None = "open", kind: str | None = None, limit: int = 100
+    ) -> list[ExceptionRecord]:
+        """Exceptions over the whole deployment, newest first.
+
+        :param status: ``open``, ``resolved`` or ``None`` for both.
+        :param kind: ``oversell`` or ``short_pick``; ``None`` for every kind.
+        :param limit: at most this many (1..1000).
+        """
+        if status not in (None, "open", "resolved"):
+            raise InvalidRequest("status must be open or resolved", field="status")
+        if kind is not None:
+            check_text(kind, "kind", 32)
+        check_int(limit, "limit", 1, 1000)
+        found: list[ExceptionRecord] = []
+        for b in range(self.keys.buckets):
+            async for _, raw in self.redis.hscan_iter(self._bucket_keys(b)[4], count=500):
+                rec = _exception(json.loads(raw))
+                if (status is None or rec.status == status) and (kind is None or rec.kind == kind):
+                    found.append(rec)
+        found.sort(key=lambda e: (e.raised_at, e.id), reverse=True)
+        return found[:limit]
+
+    async def exception(self, exception_id: str) -> ExceptionRecord:
+        """One exception by id.
+
+        :raises UnknownException: no exception has that id.
+        """
+        b = self._exception_bucket(exception_id)
+        raw = await self.redis.hget(self._bucket_keys(b)[4], exception_id)
+        if raw is None:
+            raise UnknownException(f"no exception with id {exception_id}")
+        return _exception(json.loads(raw))
+
+    async def resolve_exception(
+        self,
+        exception_id: str,
+        action: str,
+        *,
+        note: str = "",
+        actor: str = "",
+        source: str = "",
+    ) -> ExceptionRecord:
+        """Resolve an exception: ``release`` releases the reservations it names at risk
+        (those still live; each release is its own audited movement), ``keep`` leaves them.
+        The resolution (action, note, who, when, what was released) is recorded on the
+        exception and announced on the outbox. Resolving again the same way returns it;
+        another way raises :class:`~atp.errors.AlreadyResolved`."""
+        if action not in ("release", "keep"):
+            raise InvalidRequest("action must be release or keep", field="action")
+        check_text(note, "note", 1000, required=False)
+        current = await self.exception(exception_id)
+        released: list[str] = []
+        if current.status == "open" and action == "release":
+            for r in current.data.get("at_risk") or []:
+                rid = r["reservation_id"]
+                try:
+                    res = await self.release(
+                        rid, reason=f"exception {exception_id}", actor=actor, source=source
+                    )
+                except (UnknownReservation, AlreadyFulfilled):
+                    continue
+                if not res.replayed:
+                    released.append(rid)
+        b = self._exception_bucket(exception_id)
+        bk = self._bucket_keys(b)
+        req = {"id": exception_id, "action": action, "note": note, "released": released}
+        out = await self._run("resolve", (bk[4], bk[2]), self._cfg(actor, source), req)
+        return _exception(out["exception"])
+
+    def _exception_bucket(self, exception_id: str) -> int:
+        b, sep, n = exception_id.partition("-") if isinstance(exception_id, str) else ("", "", "")
+        if not (sep and b.isascii() and b.isdigit() and n.isascii() and n.isdigit()):
+            raise InvalidRequest(f"not an exception id: {exception_id!r:.40}", field="exception_id")
+        if int(b) >= self.keys.buckets:
+            raise UnknownException(f"no exception with id {exception_id}")
+        return int(b)
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -975,8 +1145,8 @@ class ATP:
         calls: list[tuple[list[str], dict[str, Any]]] = []
         k = 1  # keys[0] is the index key, not sent on a cluster
         for p in req["parts"]:
-            pkeys = keys[k : k + 4 + 5 * p["n"]]
-            k += 4 + 5 * p["n"]
+            pkeys = keys[k : k + 5 + 5 * p["n"]]
+            k += 5 + 5 * p["n"]
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]
@@ -1216,6 +1386,52 @@ def _others(protections: tuple[tuple[str, int], ...], channel: str) -> tuple[tup
     return tuple([(g, q) for g, q in protections if g != channel])
 
 
+def _dt_ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _count_row_problem(r: CountRow, max_on_hand: int) -> tuple[str, str] | None:
+    """Why a count row cannot even be sent (reason, detail), or None."""
+    if not isinstance(r, CountRow):
+        return ("bad_row", f"not a count row: {r!r:.80}")
+    if not isinstance(r.row, int) or isinstance(r.row, bool) or r.row < 0:
+        return ("bad_row", "row must be a row number")
+    for what, v in (("sku", r.sku), ("location", r.location)):
+        if not isinstance(v, str) or not IDENT_RE.fullmatch(v):
+            return ("bad_row", f"{what} must be 1-64 ASCII letters, digits or . _ -, got {v!r:.80}")
+    if not isinstance(r.counted, int) or isinstance(r.counted, bool) or r.counted < 0:
+        return (
+            "bad_count",
+            f"counted quantity must be a whole number of 0 or more, got {r.counted!r:.40}",
+        )
+    if r.counted > max_on_hand:
+        return ("bad_count", f"counted quantity above the maximum {max_on_hand}")
+    if not isinstance(r.counted_at, datetime) or r.counted_at.tzinfo is None:
+        return ("bad_time", "counted_at must be a time with its time zone")
+    return None
+
+
+def _exception(d: dict[str, Any]) -> ExceptionRecord:
+    return ExceptionRecord(
+        id=d["id"],
+        kind=d.get("kind", ""),
+        status=d.get("status", "open"),
+        raised_at=ms_to_dt(int(d.get("raised_at", 0))),
+        data={k: v for k, v in d.items() if k != "resolution"},
+        resolution=_resolution(d.get("resolution")),
+    )
+
+
+def _resolution(r: Any) -> dict[str, Any] | None:
+    if not isinstance(r, dict):
+        return None
+    out = dict(r)
+    if "at" in out:
+        out["at"] = ms_to_dt(int(out["at"])).isoformat()
+    out.setdefault("released", [])
+    return out
+
+
 def _int_map(m: Any) -> dict[str, int]:
     # an empty Lua table comes back as [] from cjson
     return {str(k): int(v) for k, v in m.items()} if isinstance(m, dict) else {}
@@ -1231,9 +1447,16 @@ def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
         name = _s(f)
         if name.startswith("ch:"):
             p["ch"][name[3:]] = int(v)
-        else:
+        elif name in _POS_FIGURES:
             p[name] = int(v)
     return p
+
+
+_POS_FIGURES = frozenset({"on_hand", "committed", "safety_stock"})
+_MOVEMENT_FIELDS = frozenset(
+    {"at", "kind", "reason", "actor", "source", "ref", "rid", "channel", "on_hand_before",
+     "on_hand_after", "committed_before", "committed_after"}
+)  # fmt: skip
 
 
 def _position(sku: str, location: str, p: dict[str, Any]) -> Position:
@@ -1264,6 +1487,7 @@ def _movement(mid: Any, fields: dict[Any, Any]) -> Movement:
         on_hand_after=int(f.get("on_hand_after", "0")),
         committed_before=int(f.get("committed_before", "0")),
         committed_after=int(f.get("committed_after", "0")),
+        detail={k: v for k, v in f.items() if k not in _MOVEMENT_FIELDS},
     )
 
 

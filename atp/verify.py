@@ -127,7 +127,11 @@ async def verify(
         sku, _, loc = key.split(":pos:", 1)[1].partition("|")
         seen_pos.add((sku, loc))
         rep.positions += 1
-        flat = {_s(k): int(v) for k, v in (await r.hgetall(key)).items()}
+        flat = {
+            _s(k): int(v)
+            for k, v in (await r.hgetall(key)).items()
+            if _s(k) in ("on_hand", "committed", "safety_stock") or _s(k).startswith("ch:")
+        }
         oh, cm, ss = flat.get("on_hand", 0), flat.get("committed", 0), flat.get("safety_stock", 0)
         if oh < 0 or cm < 0:
             problem(f"{sku}@{loc}: on_hand {oh}, committed {cm}")

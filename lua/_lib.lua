@@ -190,9 +190,25 @@ local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
   return nil
 end
 
-local function check_cover(cfg, lk, res_key, ev_key, sku, loc, cause, rid, now, prio)
-  local ex = uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
-  if ex then emit(cfg, ev_key, 'exception', rid, '', now, ex) end
+-- Raise an exception for order management: an `exception` event on the bucket's outbox
+-- and a record in its exceptions hash (`bk.exc`), open until an operator resolves it
+-- (lua/resolve.lua). Its id is "<bucket>-<n>", n counting the bucket's exceptions.
+local function raise_exception(cfg, bk, b, rid, channel, now, data)
+  local n = redis.call('HINCRBY', bk.stats, 'xseq', 1)
+  data.id = string.format('%d-%d', b, n)
+  data.status = 'open'
+  data.raised_at = now
+  if rid ~= '' then data.reservation_id = rid end
+  redis.call('HSET', bk.exc, data.id, cjson.encode(data))
+  emit(cfg, bk.events, 'exception', rid, channel, now, data)
+  return data.id
+end
+
+-- Raise an oversell exception when a position no longer covers its commitments.
+-- `bk` holds the bucket's res, events, stats and exc keys; `b` its number.
+local function check_cover(cfg, lk, bk, b, sku, loc, cause, rid, now, prio)
+  local ex = uncovered(cfg, lk, bk.res, sku, loc, cause, now, prio)
+  if ex then raise_exception(cfg, bk, b, rid, '', now, ex) end
   return ex
 end
 
@@ -281,8 +297,8 @@ local function bucket_rules_version(stats_key)
   return tonumber(redis.call('HGET', stats_key, 'rv') or '0')
 end
 
--- Walk KEYS for a reservation call: optional index key, then per part four bucket keys
--- (res, holds, events, stats) followed, per line, by the SKU's totals key (agg) and four
+-- Walk KEYS for a reservation call: optional index key, then per part five bucket keys
+-- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and four
 -- keys per candidate position (pos, hx, log, lx). A line has one candidate unless reserve
 -- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
 -- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
@@ -294,8 +310,9 @@ local function part_keys(with_index, parts)
   local out = {}
   for pi, p in ipairs(parts) do
     local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], stats = KEYS[k + 3],
+                exc = KEYS[k + 4],
                 lines = {}, cands = {} }
-    k = k + 4
+    k = k + 5
     for li = 1, p.n do
       local agg = KEYS[k]
       k = k + 1
@@ -351,6 +368,7 @@ local function validate_parts_shape(req, max_parts)
   end
   for _, p in ipairs(req.parts) do
     if not is_int(p.n, 1, 10000) then return 'each part needs a line count' end
+    if not is_int(p.b, 0, 16383) then return 'each part needs its bucket number' end
   end
   return nil
 end

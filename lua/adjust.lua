@@ -6,9 +6,10 @@ On_hand never goes below zero. When a negative adjustment leaves committed uncov
 KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
   [4] lx     position live index   [5] res  bucket reservation parts   (the shortage rule)
+  [6] stats  bucket totals (exception numbers)    [7] exc  bucket exceptions hash
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
-  [2] req  JSON {sku, loc, delta, reason, ref, prio (optional, as set_position)}
+  [2] req  JSON {sku, loc, b (bucket), delta, reason, ref, prio (optional, as set_position)}
 Returns JSON:
   {"ok":1,"position":{…}}
   {"err":"unknown_position"} | {"err":"negative_on_hand","on_hand":N} | {"err":"bad_request"}
@@ -17,7 +18,8 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 5 then return refuse('bad_request', 'expected 5 keys') end
+if #KEYS ~= 7 then return refuse('bad_request', 'expected 7 keys') end
+if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
 if not is_int(req.delta, -cfg.max_on_hand, cfg.max_on_hand) or req.delta == 0 then
@@ -27,7 +29,8 @@ if not is_text(req.reason, 200) then return refuse('bad_request', 'reason must b
 if not opt_text(req.ref, 200) then return refuse('bad_request', 'ref must be at most 200 characters') end
 
 local pos_key, log_key, ev_key = KEYS[1], KEYS[2], KEYS[3]
-local lk, res_key = { pos = KEYS[1], lx = KEYS[4] }, KEYS[5]
+local lk = { pos = KEYS[1], lx = KEYS[4] }
+local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local p = read_pos(pos_key)
 if not p then return refuse('unknown_position', 'no position for ' .. req.sku .. ' at ' .. req.loc) end
 local after = p.on_hand + req.delta
@@ -41,5 +44,5 @@ log_move(cfg, log_key, 'adjust', { reason = req.reason, ref = req.ref, ohb = p.o
   cmb = p.committed, cma = p.committed, at = now })
 emit(cfg, ev_key, 'adjusted', '', '', now, { sku = req.sku, location = req.loc, delta = req.delta,
   on_hand_before = p.on_hand, on_hand_after = after, reason = req.reason })
-if req.delta < 0 then check_cover(cfg, lk, res_key, ev_key, req.sku, req.loc, 'adjust', '', now, req.prio) end
+if req.delta < 0 then check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'adjust', '', now, req.prio) end
 return cjson.encode({ ok = 1, position = pos_reply(pos_key) })

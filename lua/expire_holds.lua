@@ -9,6 +9,7 @@ KEYS:
   [2] holds  bucket zset of held parts
   [3] events bucket outbox stream
   [4] stats  bucket hash of unit totals
+  [5] exc    bucket hash of exceptions (not written here)
   then, per candidate, per line of its part: agg | pos | hx | log | lx
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
@@ -22,7 +23,7 @@ Returns JSON:
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
 if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a list') end
-local want = 4
+local want = 5
 for _, c in ipairs(req.ids) do
   if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
   want = want + 5 * c.n
@@ -32,7 +33,7 @@ local res_key, holds_key, ev_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 local now = now_ms()
 local expired, units = {}, 0
-local k = 5
+local k = 6
 for _, c in ipairs(req.ids) do
   local raw = redis.call('HGET', res_key, c.id)
   local rec = raw and cjson.decode(raw)

@@ -151,7 +151,7 @@ for pi, rec in ipairs(recs) do
 end
 -- short picks, once the records are written (the shortage rule reads them)
 for _, h in ipairs(shorts) do
-  local k, ev, f = pk[h.pi].lines[h.li], pk[h.pi].events, h.f
+  local k, f = pk[h.pi].lines[h.li], h.f
   local data = { kind = 'short_pick', sku = f.sku, location = f.loc, short = f.short,
     remainder = line_open(h.l), fulfilment = req.fid }
   local ex = uncovered(cfg, k, pk[h.pi].res, f.sku, f.loc, 'short_pick', now, req.prio)
@@ -159,8 +159,9 @@ for _, h in ipairs(shorts) do
     data.shortfall = ex.shortfall
     data.at_risk = ex.at_risk
   end
-  emit(cfg, ev, 'exception', req.id, recs[h.pi].ch, now, data)
-  if ex then emit(cfg, ev, 'exception', req.id, '', now, ex) end
+  local b = req.parts[h.pi].b
+  raise_exception(cfg, pk[h.pi], b, req.id, recs[h.pi].ch, now, data)
+  if ex then raise_exception(cfg, pk[h.pi], b, req.id, '', now, ex) end
 end
 for _, h in ipairs(plan) do
   emit(cfg, pk[h.pi].events, 'fulfil', req.id, recs[h.pi].ch, now, { fulfilment = req.fid,

@@ -17,8 +17,9 @@ the cap what the script must do. Then, for the real ``reserve``:
 * what it took is exactly what the positions and the SKU totals gained.
 
 ``explain``'s figures are also checked against the drawn numbers, so the model does not
-just trust the server. Every example starts from an empty database (FLUSHDB: the ``atp``
-fixture flushes per test, not per example).
+just trust the server. The quantity is drawn after ``explain``, near the figures where the
+decision changes; a second test draws only lines that need a split. Every example starts
+from an empty database (FLUSHDB: the ``atp`` fixture flushes per test, not per example).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,15 @@ async def run_client(
         live.append(rid)
 
 
+async def settle(clients: Iterable[Awaitable[None]]) -> None:
+    """Run clients to their end, then raise the first failure: a client that fails must
+    not leave the others running against connections about to be closed."""
+    done = await asyncio.gather(*clients, return_exceptions=True)
+    errors = [d for d in done if isinstance(d, BaseException)]
+    if errors:
+        raise errors[0]
+
+
 # -- worker processes ----------------------------------------------------------------------
 
 
@@ -264,9 +273,7 @@ def _worker(cfg: dict[str, Any]) -> None:
                 fut = loop.run_in_executor(None, sys.stdin.readline)
                 fut.add_done_callback(lambda _f: stop.set())
             logs = [ClientLog() for _ in specs]
-            await asyncio.gather(
-                *(run_client(core, s, lg, stop) for s, lg in zip(specs, logs, strict=True))
-            )
+            await settle(run_client(core, s, lg, stop) for s, lg in zip(specs, logs, strict=True))
             return [asdict(lg) for lg in logs]
         finally:
             await core.aclose()
@@ -505,11 +512,9 @@ async def _race_hot(
             _monitor(core, stop, seen, SKU, cap=cap, limit=L, protect={LOC: P})
         )
         tell(workers, b"go")
-        await asyncio.gather(
-            *(
-                run_client(cores[i % len(cores)], s, lg)
-                for i, (s, lg) in enumerate(zip(specs, logs, strict=True))
-            )
+        await settle(
+            run_client(cores[i % len(cores)], s, lg)
+            for i, (s, lg) in enumerate(zip(specs, logs, strict=True))
         )
         logs += await collect(workers)
         stop.set()
@@ -681,10 +686,11 @@ async def test_rules_change_mid_load(atp: ATP, server: EmbeddedServer, settings:
     specs = _loader_specs("t", 40, 0, web=8)
     logs = [ClientLog() for _ in specs]
     stop = asyncio.Event()
+    load: asyncio.Future[Any] | None = None
     try:
         tell(workers, b"go")
-        load = asyncio.gather(
-            *(
+        load = asyncio.ensure_future(
+            settle(
                 run_client(cores[i % len(cores)], s, lg, stop)
                 for i, (s, lg) in enumerate(zip(specs, logs, strict=True))
             )
@@ -729,6 +735,8 @@ async def test_rules_change_mid_load(atp: ATP, server: EmbeddedServer, settings:
         logs += await collect(workers)
     finally:
         stop.set()
+        if load is not None:  # the clients finish their last request before closing
+            await asyncio.gather(load, return_exceptions=True)
         for c in extra + stale[:2]:
             await c.aclose()
         for p in workers:
@@ -737,10 +745,10 @@ async def test_rules_change_mid_load(atp: ATP, server: EmbeddedServer, settings:
                 await p.wait()
 
     # a third instance, stale too, asks for what version 1 allows and version 2 does not
-    market_flash = int(await core.redis.hget(core.keys.sku(FLASH), "ch:market") or 0)
-    want = max(1, V2_CAP[FLASH] - market_flash + 1)
-    assert market_flash + want <= V1_CAP[FLASH]
     try:
+        market_flash = int(await core.redis.hget(core.keys.sku(FLASH), "ch:market") or 0)
+        want = max(1, V2_CAP[FLASH] - market_flash + 1)
+        assert market_flash + want <= V1_CAP[FLASH]
         assert (await stale[2].rules(max_age=3600)).version == v1.version
         await stale[2].reserve("stale-mk", "market", [(FLASH, LOC, want)], hold_seconds=0)
         raise AssertionError("a stale instance reserved past version 2's cap")
@@ -973,17 +981,15 @@ async def test_routed_multi_location_race(
         for sku, cfg in SKUS3.items()
     ]
     try:
-        await asyncio.gather(
-            *(
-                run_client(cores[i % len(cores)], s, lg)
-                for i, (s, lg) in enumerate(zip(specs, logs, strict=True))
-            )
+        await settle(
+            run_client(cores[i % len(cores)], s, lg)
+            for i, (s, lg) in enumerate(zip(specs, logs, strict=True))
         )
     finally:
         stop.set()
-        await asyncio.gather(*mons)
         for c in extra:
             await c.aclose()
+    await settle(mons)
     records = all_records(logs)
     refusals = [r for lg in logs for r in lg.refusals]
     assert {r["rv"] for r in records.values()} == {rules.version}
