@@ -21,7 +21,16 @@ from atp.apikeys import KeyStore
 
 from . import lane, metrics, problems
 from .lane import FastLane
-from .routes import availability, health, keys, positions, reservations, rules
+from .routes import (
+    availability,
+    counts,
+    exceptions,
+    health,
+    keys,
+    positions,
+    reservations,
+    rules,
+)
 
 log = logging.getLogger("atp.api")
 
@@ -104,6 +113,11 @@ class EdgeMiddleware:
 
 async def _reaper(core: ATP, interval: float, stop: asyncio.Event) -> None:
     """Give expired holds back by themselves, even on positions nobody touches.
+
+    Runs every ``ATP_REAPER_INTERVAL`` seconds (0: off). ``atp serve`` turns it off when it
+    runs its worker (atp.worker reaps); it serves ``atp serve --no-worker`` and apps served
+    some other way, alone or beside dedicated workers (two reapers never reclaim a hold
+    twice: the script re-checks each one).
 
     Stopped by ``stop``, not by cancelling: redis-py can turn a cancellation that lands
     mid-read into a ConnectionError, which a loop that must survive errors would swallow
@@ -194,7 +208,7 @@ def create_app(
         **_NO_OTEL,
     )
     problems.install(app)
-    for r in (health, positions, availability, reservations, rules, keys):
+    for r in (health, positions, availability, reservations, rules, keys, exceptions, counts):
         app.include_router(r.router)
     fast = FastLane([*reservations.fast.routes, *availability.fast.routes], settings.max_body_bytes)
     app.add_middleware(

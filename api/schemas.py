@@ -264,6 +264,162 @@ class RulesOut(BaseModel):
     rules: RulesDocument
 
 
+ExceptionId = Annotated[
+    str,
+    Field(
+        pattern=r"^[0-9]{1,5}-[0-9]{1,15}$",
+        max_length=21,
+        description="<bucket>-<n>, as the exception lists give it",
+        examples=["3-17"],
+    ),
+]
+
+
+class ResolveBody(Strict):
+    action: Literal["release", "keep"] = Field(
+        description="release: release the reservations the exception names at risk (those "
+        "still live); keep: leave them"
+    )
+    note: Annotated[str, Field(max_length=1000)] = ""
+
+
+class AtRiskOut(BaseModel):
+    reservation_id: str
+    channel: str
+    priority: int = Field(description="the channel's priority (lowest is put at risk first)")
+    status: str = Field(description="its status when the exception was raised")
+    qty: int = Field(description="its open units on the position")
+    created_at: str
+
+
+class ResolutionOut(BaseModel):
+    action: Literal["release", "keep"]
+    note: str
+    by: str = Field(description="the API key id (or CLI user) that resolved it")
+    at: str
+    released: list[str] = Field(description="reservations this resolution released")
+
+
+class ExceptionOut(BaseModel):
+    """An exception for order management. ``kind`` oversell: a position no longer covers
+    its commitments (``cause``: cycle_count, adjust, set_position, short_pick); kind
+    short_pick: a bin was found short while fulfilling ``reservation_id``. Other fields
+    as the kind records them."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    kind: str = Field(examples=["oversell", "short_pick"])
+    status: Literal["open", "resolved"]
+    raised_at: str
+    sku: str | None = None
+    location: str | None = None
+    cause: str | None = None
+    reservation_id: str | None = None
+    count: str | None = Field(default=None, description="the count id (cause cycle_count)")
+    on_hand: int | None = None
+    committed: int | None = None
+    safety_stock: int | None = None
+    shortfall: int | None = Field(
+        default=None, description="committed units on hand can no longer cover"
+    )
+    units_at_risk: int | None = None
+    truncated: bool | None = None
+    short: int | None = None
+    remainder: int | None = None
+    fulfilment: str | None = None
+    at_risk: list[AtRiskOut] = Field(
+        description="the reservations the shortage rule puts at risk: lowest channel "
+        "priority, newest first"
+    )
+    resolution: ResolutionOut | None
+
+
+class ExceptionsPage(BaseModel):
+    items: list[ExceptionOut]
+    next_before: str | None = Field(
+        description="pass as before= for the next page; null when this page is the last"
+    )
+
+
+class CountRowIn(Strict):
+    """One counted position, as the system of record gives it. Only the shape is checked
+    here: each row is validated by the worker (a bad SKU or location, a negative count, a
+    time that is not ISO 8601 or has no zone, an unknown position, a row the batch already
+    counted) and refused, with its reason, in the batch's report; the others apply."""
+
+    sku: Annotated[str, Field(max_length=200, examples=["SKU-1"])]
+    location: Annotated[str, Field(max_length=200, examples=["DC1"])]
+    counted_qty: Annotated[int, Field(ge=-(10**15), le=10**15, examples=[42]), Whole]
+    counted_at: Annotated[
+        str, Field(max_length=64, description="ISO 8601, with its time zone",
+                   examples=["2025-01-31T06:00:00Z"])
+    ]  # fmt: skip
+
+
+class CountsBody(Strict):
+    count_id: ReservationId | None = Field(
+        default=None,
+        description="names the count (its movements' reference); the batch id if not given. "
+        "A count id applies each row at most once, however often it is sent",
+    )
+    source: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="where the count came from (default: api)"
+    )
+    assume_utc: bool = Field(default=False, description="read times without a zone as UTC")
+    rows: Annotated[list[CountRowIn], Field(min_length=1, max_length=100_000)]
+
+
+class CountQueuedOut(BaseModel):
+    batch_id: str
+    count_id: str
+    status: Literal["queued"]
+    rows: int
+
+
+class CountReportOut(BaseModel):
+    """What the count did (atp.reconcile.CountReport)."""
+
+    model_config = ConfigDict(extra="allow")
+    count_id: str
+    source: str
+    rows: int
+    applied: int
+    already_applied: int = Field(
+        description="rows this count id had applied before (a batch sent again, or the chunk "
+        "a crashed worker was applying): not applied twice"
+    )
+    refused: int
+    counted_positions: int
+    within_tolerance: int
+    inventory_record_accuracy: float | None = Field(
+        description="share of counted positions whose drift is within the tolerance"
+    )
+    total_abs_drift: int
+    net_drift: int
+    units_at_risk: int
+    exceptions: list[str] = Field(description="ids of the oversell exceptions raised")
+    refused_by_reason: dict[str, int]
+    refused_rows: list[dict[str, Any]] = Field(
+        description="a sample of refused rows: row, sku, location, reason, detail"
+    )
+
+
+class CountBatchOut(BaseModel):
+    batch_id: str
+    count_id: str
+    source: str
+    status: Literal["queued", "running", "done", "failed"]
+    rows: int
+    done: int = Field(description="rows finished so far")
+    queued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    worker: str | None = Field(description="the worker that has (or had) it")
+    attempts: int = Field(description="worker runs that took it (more than 1: resumed)")
+    error: str | None
+    report: CountReportOut | None = Field(description="once done (for failed: so far)")
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 

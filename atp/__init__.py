@@ -43,6 +43,7 @@ from .models import (
 from .rules import Rules, RulesDocument
 from .settings import Settings
 from .store import ATP
+from .worker import Worker, WorkerStats
 
 __all__ = [
     "ATP",
@@ -84,5 +85,7 @@ __all__ = [
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",
+    "Worker",
+    "WorkerStats",
     "find_server_binary",
 ]

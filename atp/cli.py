@@ -1,9 +1,26 @@
-"""The ``atp`` command: ``serve``, ``verify``, ``reap``, ``rules apply``, ``rules show``.
+"""The ``atp`` command: ``serve``, ``worker``, ``verify``, ``reap``, ``rules apply``,
+``rules show`` (and the reconciliation commands).
 
 ``atp serve`` with no ``ATP_REDIS_URL`` starts the embedded server (``atp.embedded``) with
 its data in ``ATP_DATA_DIR`` (default ``./.atp-data``), writes the server's URL to
 ``<data dir>/server.url`` so other commands (``atp verify``) find it, serves the HTTP API
-with uvicorn, and stops the embedded server with itself.
+with uvicorn, and stops the embedded server with itself. It also runs one worker
+(``atp worker``, a child process: reaps expired holds, applies queued counts) and stops it
+with itself; with ``--no-worker`` it runs none and the app reaps expired holds itself
+(``ATP_REAPER_INTERVAL``), for deployments that run their own workers.
+
+``atp worker`` reaps expired holds and applies queued count batches until SIGTERM/SIGINT
+(atp.worker); ``--once`` drains the queue and exits (cron, tests).
+
+``atp reconcile-orders SOURCE`` compares the live reservations with the system of
+record's open order lines (atp.book): ghosts, missing reservations and mismatches, as a
+table (or ``--json``, ``--report PATH``); ``--fix`` releases the ghosts and recreates the
+missing ones.
+
+``atp reconcile SOURCE`` applies a cycle count (a CSV or JSON Lines file, or an SQL query
+or table) as of each row's time (atp.reconcile) with a progress bar on a terminal, and
+prints the report (``--json``; ``--report PATH`` writes it); ``--dry-run`` changes
+nothing. The count id it prints resumes an interrupted count without applying a row twice.
 
 ``atp rules apply FILE`` validates a rules document (YAML or JSON, atp.rules) and applies
 it as the next version; a document that does not validate is listed problem by problem
@@ -19,8 +36,10 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     settings = Settings()
     server: EmbeddedServer | None = None
+    worker: _WorkerChild | None = None
     demo_key: str | None = None
     try:
         url = settings.redis_url
@@ -120,6 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             print(f"  curl -s {auth} -X POST {base}/v1/reservations/demo-1/confirm", flush=True)
             print(f"  curl -s {auth} -X POST {base}/v1/reservations/demo-1/release", flush=True)
+        if not args.no_worker:
+            worker = _WorkerChild(dict(os.environ)).start()
+            # the worker reaps expired holds: the app's own reaper is for --no-worker
+            os.environ["ATP_REAPER_INTERVAL"] = "0"
         if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="atp-metrics-")
         uvicorn.run(
@@ -133,10 +157,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 0
     finally:
+        if worker is not None:  # before the server: it finishes its chunk against it
+            worker.stop()
         if server is not None:
             server.stop()
             _url_file(settings).unlink(missing_ok=True)
             print("atp: embedded server stopped", flush=True)
+
+
+class _WorkerChild:
+    """``atp serve``'s worker: ``python -m atp worker`` in a session of its own (a Ctrl-C
+    reaches serve, which stops it), restarted if it dies while serve runs, stopped with
+    serve. It also stops by itself if serve disappears (``--exit-with-parent``)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "atp", "worker", "--exit-with-parent", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        print(f"atp: worker started (pid {self.proc.pid})", flush=True)
+
+    def start(self) -> _WorkerChild:
+        with self._lock:
+            self._spawn()
+        threading.Thread(target=self._watch, name="atp-worker-watch", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        while True:
+            proc = self.proc
+            assert proc is not None
+            rc = proc.wait()
+            if self._stopping.wait(1.0):  # a pause, so a worker that cannot start is no spin
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                print(f"atp: worker exited ({rc}); starting another", file=sys.stderr, flush=True)
+                self._spawn()
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM (it finishes its chunk), then SIGKILL after ``timeout`` seconds."""
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print("atp: worker stopped", flush=True)
 
 
 def _no_server() -> int:
@@ -196,6 +273,206 @@ def cmd_reap(args: argparse.Namespace) -> int:
 
     n, units = asyncio.run(run())
     print(f"reclaimed {n} expired holds, {units} units")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from .store import ATP
+    from .worker import Worker
+
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        return _no_server()
+    logging.basicConfig(level=logging.INFO, format="atp worker %(message)s", stream=sys.stderr)
+
+    async def run() -> int:
+        async with ATP.from_url(url, settings) as core:
+            w = Worker(core, name=args.name, parent_pid=args.exit_with_parent)
+            if args.once:
+                st = await w.run_once()
+            else:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, w.stop)
+                st = await w.run()
+        print(
+            f"atp worker: {st.batches} count batches done ({st.rows} rows); "
+            f"reclaimed {st.holds} expired holds, {st.units} units",
+            flush=True,
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _grace_seconds(text: str) -> int:
+    if not text.isdigit() or int(text) > 10**9:
+        raise argparse.ArgumentTypeError("a number of seconds, 0 or more")
+    return int(text)
+
+
+def cmd_reconcile_orders(args: argparse.Namespace) -> int:
+    from .book import reconcile_orders
+    from .errors import InvalidRequest
+    from .sources import open_source
+    from .store import ATP
+
+    columns: dict[str, str] = {}
+    for spec in args.column or []:
+        ours, sep, theirs = spec.partition("=")
+        if not (sep and ours.strip() and theirs.strip()):
+            print(f"atp: --column takes OURS=THEIRS, got {spec!r}", file=sys.stderr)
+            return 2
+        columns[ours.strip()] = theirs.strip()
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        return _no_server()
+    try:
+        src = open_source(
+            args.source,
+            query=args.query,
+            table=args.table,
+            columns=columns or None,
+            fmt=args.format,
+        )
+    except InvalidRequest as e:
+        print(f"atp: {e.detail}", file=sys.stderr)
+        return 2
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(f"atp: {msg}", file=sys.stderr, flush=True)
+
+    async def run() -> Any:
+        async with ATP.from_url(url, settings) as core:
+            return await reconcile_orders(
+                core,
+                src,
+                source=src.name,
+                fix=args.fix,
+                grace_seconds=args.grace_seconds,
+                actor=_cli_actor(),
+                progress=progress,
+            )
+
+    try:
+        rep = asyncio.run(run())
+    except InvalidRequest as e:  # the source failed while read: nothing was changed
+        print(f"atp: {e.detail}; nothing changed", file=sys.stderr)
+        return 2
+    out = rep.to_dict()
+    if args.report:
+        Path(args.report).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(rep.table())
+    return 0 if rep.ok else 1
+
+
+def _chunk(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError("rows per call, from 1 to 10000")
+    return int(text)
+
+
+def _units(text: str) -> int:
+    if not text.isdigit() or int(text) > 10**15:
+        raise argparse.ArgumentTypeError("a whole number of units, 0 or more")
+    return int(text)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import redis
+    from tqdm import tqdm
+
+    from .errors import ATPError, InvalidRequest
+    from .reconcile import (
+        DEFAULT_CHUNK,
+        CountReport,
+        default_count_id,
+        parse_columns,
+        reconcile,
+        write_report,
+    )
+    from .sources import open_source
+    from .store import ATP
+
+    try:
+        columns = parse_columns(args.column or [])
+    except ValueError as e:
+        print(f"atp: --column: {e}", file=sys.stderr)
+        return 2
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        return _no_server()
+    try:
+        src = open_source(
+            args.source, query=args.query, table=args.table, columns=columns or None,
+            fmt=args.format,
+        )  # fmt: skip
+    except InvalidRequest as e:
+        print(f"atp: {e.detail}", file=sys.stderr)
+        return 2
+    count_id = args.count_id or default_count_id(args.table or src.name)
+    if not args.count_id:
+        # on stderr, so that --json output stays one document
+        print(
+            f"atp: count id {count_id} (to resume it, run again with --count-id {count_id})",
+            file=sys.stderr,
+            flush=True,
+        )
+    bar = tqdm(
+        desc="dry run" if args.dry_run else "counting", unit=" rows", file=sys.stderr,
+        disable=not sys.stderr.isatty(), dynamic_ncols=True,
+    )  # fmt: skip
+
+    def progress(done: int) -> None:
+        bar.update(done - bar.n)
+
+    async def run() -> CountReport:
+        async with ATP.from_url(url, settings) as core:
+            return await reconcile(
+                core, src, count_id=count_id, source=src.name, dry_run=args.dry_run,
+                tolerance=args.tolerance, assume_utc=args.assume_utc,
+                chunk=args.chunk or DEFAULT_CHUNK,
+                actor=_cli_actor(), progress=progress,
+            )  # fmt: skip
+
+    try:
+        report = asyncio.run(run())
+    except InvalidRequest as e:  # a bad count id, or the source failed while being read
+        bar.close()
+        print(f"atp: {e.detail}", file=sys.stderr)
+        partial = e.extra.get("report")
+        if isinstance(partial, CountReport):
+            print(partial.table(), file=sys.stderr)
+        return 2
+    except (redis.RedisError, ATPError) as e:
+        bar.close()
+        print(
+            f"atp: the backend failed: {e.__class__.__name__}: {e}; rows sent before it may "
+            f"have been applied: run again with --count-id {count_id} to finish the count "
+            "(no row is applied twice)",
+            file=sys.stderr,
+        )
+        return 1
+    bar.close()
+    if args.report:
+        try:
+            write_report(report, args.report)
+        except OSError as e:
+            print(f"atp: cannot write the report to {args.report}: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
     return 0
 
 
@@ -347,7 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="run no background worker (dedicated `atp worker` processes do the work); "
+        "the app then reaps expired holds itself",
+    )
     p.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="reap expired holds and apply queued counts")
+    w.add_argument("--once", action="store_true", help="drain the queue, reap once, and exit")
+    w.add_argument("--name", help="consumer name (default: <host>:<pid>:<random>, unique)")
+    w.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_worker)
     v = sub.add_parser("verify", help="check the whole book against the invariants")
     v.add_argument(
         "--allow-uncovered",
@@ -358,6 +646,92 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("reap", help="reclaim expired holds once")
     r.set_defaults(func=cmd_reap)
+    ro = sub.add_parser(
+        "reconcile-orders",
+        help="compare the reservations with the system of record's open orders",
+        description="Find ghost reservations (live here, absent there, older than the grace "
+        "period), missing ones (open there, absent here) and mismatches (reported, never "
+        "fixed); --fix releases the ghosts and recreates the missing. Exit status 0 when "
+        "nothing is left to act on, 1 when something is, 2 when the source cannot be read.",
+    )
+    ro.add_argument(
+        "source",
+        help="open order lines: a .csv or .jsonl file, or a database URL with --query/--table "
+        "(columns reservation_id, channel, sku, location, qty; optional customer_id, ordered_at)",
+    )
+    ro.add_argument(
+        "--fix", action="store_true", help="release the ghosts and recreate the missing"
+    )
+    ro.add_argument(
+        "--grace-seconds",
+        type=_grace_seconds,
+        default=900,
+        metavar="N",
+        help="a reservation younger than this is not a ghost (default 900)",
+    )
+    ro_sql = ro.add_mutually_exclusive_group()
+    ro_sql.add_argument("--query", help="SQL returning the order lines (database source)")
+    ro_sql.add_argument("--table", help="read every row of this table (database source)")
+    ro.add_argument(
+        "--column",
+        action="append",
+        metavar="OURS=THEIRS",
+        help="read the source's column THEIRS as OURS (repeatable): --column sku=item_no",
+    )
+    ro.add_argument("--format", choices=["csv", "jsonl"], help="file format (default: extension)")
+    ro.add_argument("--json", action="store_true", help="print the report as JSON")
+    ro.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+    ro.set_defaults(func=cmd_reconcile_orders)
+    rc_ = sub.add_parser(
+        "reconcile",
+        help="apply a cycle count from the system of record, as of each count's time",
+        description="Bring on_hand in line with counted quantities (columns sku, location, "
+        "counted_qty, counted_at: ISO 8601 with a time zone), each as of its counted_at, and "
+        "report the drift. Exit status 0 when the count ran (refused rows are in the report), "
+        "2 on bad arguments or a source that cannot be read, 1 when Redis fails.",
+    )
+    rc_.add_argument(
+        "source",
+        help="a .csv or .jsonl count file, or a database URL (postgresql://..., "
+        "sqlite:///counts.db) with --query or --table",
+    )
+    rc_.add_argument(
+        "--count-id",
+        metavar="ID",
+        help="names the count; running again with the same id resumes it and applies no row "
+        "twice (default: the source's name and the time, printed)",
+    )
+    rc_.add_argument("--dry-run", action="store_true", help="show the drift; change nothing")
+    rc_.add_argument(
+        "--tolerance",
+        type=_units,
+        default=0,
+        metavar="N",
+        help="a position whose drift is at most N units counts as accurate (default 0)",
+    )
+    rc_.add_argument(
+        "--assume-utc", action="store_true", help="read a counted_at without a time zone as UTC"
+    )
+    rc_sql = rc_.add_mutually_exclusive_group()
+    rc_sql.add_argument("--query", help="SQL returning the count rows (database source)")
+    rc_sql.add_argument("--table", help="read every row of this table (database source)")
+    rc_.add_argument(
+        "--column",
+        action="append",
+        metavar="OURS=THEIRS",
+        help="read the source's column THEIRS as OURS (repeatable): --column counted_qty=qty",
+    )
+    rc_.add_argument("--format", choices=["csv", "jsonl"], help="file format (default: extension)")
+    rc_.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+    rc_.add_argument("--json", action="store_true", help="print the report as JSON")
+    rc_.add_argument(
+        "--chunk",
+        type=_chunk,
+        default=None,
+        metavar="N",
+        help="rows per script call (default 250)",
+    )
+    rc_.set_defaults(func=cmd_reconcile)
     rules = sub.add_parser("rules", help="apply or show the allocation rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True)
     ra = rsub.add_parser("apply", help="validate a rules document and apply it as the next version")

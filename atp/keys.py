@@ -39,7 +39,10 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
 ==============================  =====================================================
 
 and, outside the buckets, ``{<p>rules}:doc`` (the allocation rules in force, with their
-version) and ``{<p>rules}:history`` (earlier versions).
+version) and ``{<p>rules}:history`` (earlier versions), and the queue of count batches
+(atp.counts, atp.worker), all in one slot ``{<p>counts}``: ``:queue`` (stream, read by the
+workers' consumer group), ``:batch:<id>`` (the batch's rows as received, JSON) and
+``:result:<id>`` (hash: status, progress, report).
 
 Why buckets:
 
@@ -155,6 +158,18 @@ class KeySpace:
         """Earlier rules versions: hash version -> JSON {doc, at, actor}."""
         return f"{{{self.prefix}rules}}:history"
 
+    def counts_queue(self) -> str:
+        """The stream of queued count batches (one entry per batch, read by a consumer group)."""
+        return f"{{{self.prefix}counts}}:queue"
+
+    def count_batch(self, batch_id: str) -> str:
+        """A queued count batch's rows, as received (JSON)."""
+        return f"{{{self.prefix}counts}}:batch:{batch_id}"
+
+    def count_result(self, batch_id: str) -> str:
+        """A count batch's state: hash of status, progress, report, times, worker."""
+        return f"{{{self.prefix}counts}}:result:{batch_id}"
+
     def bucket_keys(self, bucket: int) -> BucketKeys:
         t = self._tag_cache[bucket]
         return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats", f"{t}:exc")
@@ -162,6 +177,11 @@ class KeySpace:
     def index(self, reservation_id: str) -> str:
         """The reservation index key, in the home bucket of the reservation id."""
         return f"{self._tag_cache[_crc(reservation_id) % self.buckets]}:rix"
+
+    def index_of_bucket(self, bucket: int) -> str:
+        """The reservation index hash of one bucket (the entries of the reservation ids
+        whose home it is): walked to list every reservation once."""
+        return f"{self._tag_cache[bucket]}:rix"
 
     def events(self, bucket: int) -> str:
         return f"{self._tag_cache[bucket]}:events"

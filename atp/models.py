@@ -334,7 +334,8 @@ class ExceptionRecord:
 
     id: str
     kind: str
-    status: Literal["open", "resolved"]
+    status: Literal["open", "resolving", "resolved"]
+    """``resolving``: an operator's resolution is under way (its action is decided)."""
     raised_at: datetime
     data: dict[str, Any]
     """Everything the script recorded: sku, location, cause, shortfall, at_risk (the
@@ -342,7 +343,16 @@ class ExceptionRecord:
     resolution: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON: times as ISO 8601 text, ``at_risk`` always a list (empty when the
+        shortage rule named no reservation)."""
         out = {k: v for k, v in self.data.items() if k not in ("id", "kind", "status", "raised_at")}
+        out["at_risk"] = [
+            {**r, "created_at": ms_to_dt(int(r["created_at"])).isoformat()}
+            if isinstance(r.get("created_at"), int | float)
+            else dict(r)
+            for r in (out.get("at_risk") or [])
+            if isinstance(r, dict)
+        ]
         return {
             "id": self.id,
             "kind": self.kind,

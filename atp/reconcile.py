@@ -12,19 +12,33 @@ source: only the report's totals and a bounded sample of refused rows are kept.
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import csv
+import json
+import re
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from .models import IDENT_RE, CountResult, CountRow
+from .errors import InvalidRequest
+from .models import IDENT_RE, RESERVATION_ID_RE, CountResult, CountRow, check_int
 from .sources import RowError
 from .store import ATP
 
-__all__ = ["CountReport", "parse_count", "reconcile"]
+__all__ = [
+    "CountReport",
+    "default_count_id",
+    "parse_columns",
+    "parse_count",
+    "reconcile",
+    "write_report",
+]
 
 SAMPLE = 1000  # refused rows and exception ids kept in a report, at most
+_SHOWN = 10  # of them, in the table
 
 
 @dataclass
@@ -48,6 +62,7 @@ class CountReport:
     total_abs_drift: int = 0
     net_drift: int = 0
     units_at_risk: int = 0
+    exceptions_raised: int = 0
     exceptions: list[str] = field(default_factory=list)
     refused_by_reason: Counter[str] = field(default_factory=Counter)
     refused_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -84,8 +99,10 @@ class CountReport:
         if abs(drift) <= self.tolerance:
             self.within_tolerance += 1
         self.units_at_risk += r.units_at_risk
-        if r.exception_id and len(self.exceptions) < SAMPLE:
-            self.exceptions.append(r.exception_id)
+        if r.exception_id:
+            self.exceptions_raised += 1
+            if len(self.exceptions) < SAMPLE:
+                self.exceptions.append(r.exception_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +121,7 @@ class CountReport:
             "total_abs_drift": self.total_abs_drift,
             "net_drift": self.net_drift,
             "units_at_risk": self.units_at_risk,
+            "exceptions_raised": max(self.exceptions_raised, len(self.exceptions)),
             "exceptions": self.exceptions,
             "refused_by_reason": dict(self.refused_by_reason),
             "refused_rows": self.refused_rows,
@@ -124,11 +142,26 @@ class CountReport:
              f"{acc} of {self.counted_positions:,} positions"),
             ("total absolute drift", f"{self.total_abs_drift:,} units (net {self.net_drift:+,})"),
             ("units at risk", f"{self.units_at_risk:,}"),
-            ("exceptions raised", f"{len(self.exceptions):,}"),
+            ("exceptions raised", f"{max(self.exceptions_raised, len(self.exceptions)):,}"),
         ]  # fmt: skip
         lines += [(f"  refused: {k}", f"{v:,}") for k, v in self.refused_by_reason.most_common()]
         width = max(len(k) for k, _ in lines)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+        out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+        if self.exceptions:
+            more = max(self.exceptions_raised, len(self.exceptions)) - _SHOWN
+            out.append(
+                "exceptions: " + ", ".join(self.exceptions[:_SHOWN])
+                + (f" and {more:,} more" if more > 0 else "")
+            )  # fmt: skip
+        if self.refused_rows:
+            out.append("refused rows:")
+            for r in self.refused_rows[:_SHOWN]:
+                where = f" {r['sku']} at {r['location']}" if r["sku"] else ""
+                out.append(f"  row {r['row']}{where}: {r['reason']}: {r['detail']}")
+            if self.refused > _SHOWN:
+                out.append(f"  ... {self.refused - _SHOWN:,} more (the JSON report lists up to "
+                           f"{SAMPLE:,})")  # fmt: skip
+        return "\n".join(out)
 
 
 _COUNT_FIELDS = ("sku", "location", "counted_qty", "counted_at")
@@ -185,6 +218,13 @@ def parse_count(
     return CountRow(sku, loc, q, at, number)  # type: ignore[arg-type]
 
 
+DEFAULT_CHUNK = 250
+"""Rows per count-script call. Small calls cost the server less per row (a script's
+effects are propagated to the AOF as one block, built in memory) and keep the wait
+between calls short; ``inflight`` calls in flight hide the round trips."""
+DEFAULT_INFLIGHT = 2
+
+
 async def reconcile(
     atp: ATP,
     rows: Iterable[tuple[int, Mapping[str, Any] | RowError]],
@@ -194,38 +234,165 @@ async def reconcile(
     dry_run: bool = False,
     tolerance: int = 0,
     assume_utc: bool = False,
-    chunk: int = 2000,
+    chunk: int = DEFAULT_CHUNK,
+    inflight: int = DEFAULT_INFLIGHT,
     actor: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> CountReport:
     """Apply a count from ``rows`` (``atp.sources.open_source(...)``) and report.
 
+    Rows are read one at a time and applied ``chunk`` at a time; the source is never
+    held in memory whole. While one call runs in Redis the next chunk is parsed and sent
+    (``inflight`` calls at once), except that a chunk naming a position a call still in
+    flight counts waits for it: rows of one position are always applied in source order
+    (the first of two rows of a position in one count applies, the second is refused as
+    a ``duplicate``).
+
     :param count_id: names the count; running it again with the same id applies no row
-        twice (rows already applied come back as ``already``).
+        twice (rows already applied come back as ``already``), so an interrupted run is
+        resumed by running it again.
+    :param source: names the source in the movements (longer than 128 characters: its
+        tail is kept).
     :param tolerance: drift (units, absolute) still counted as accurate.
-    :param chunk: rows per call of the count script (up to 10,000).
-    :param progress: called with the number of rows done after each chunk.
+    :param assume_utc: read a ``counted_at`` without a time zone as UTC (else refused).
+    :param chunk: rows per call of the count script (1..10,000).
+    :param inflight: calls in flight at once (1: one after the other).
+    :param progress: called with the number of rows done (applied, refused or read and
+        queued) as the count goes.
+    :raises InvalidRequest: bad arguments (a malformed count id, chunk out of range...),
+        or a source that failed while being read (an unreadable file, a database error):
+        the calls already sent are seen through first, and ``extra["report"]`` holds the
+        report of the rows done before it.
     """
+    if not isinstance(count_id, str) or not RESERVATION_ID_RE.fullmatch(count_id):
+        raise InvalidRequest(
+            "a count id is 1-128 ASCII letters, digits or . _ : - (starting with a letter or "
+            f"digit), got {count_id!r:.80}",
+            field="count_id",
+        )
+    check_int(chunk, "chunk", 1, 10_000)
+    check_int(inflight, "inflight", 1, 64)
+    check_int(tolerance, "tolerance", 0, 10**15)
+    if len(source.encode()) > 128:
+        source = "..." + source.encode()[-125:].decode(errors="ignore")
     report = CountReport(count_id, source, dry_run, tolerance)
+    pending: deque[tuple[asyncio.Task[list[CountResult]], set[tuple[str, str]]]] = deque()
     batch: list[CountRow] = []
+    queued = 0  # rows sent and not yet folded into the report
 
-    async def flush() -> None:
-        if batch:
-            for r in await atp.apply_counts(
-                count_id, batch, dry_run=dry_run, source=source, actor=actor
-            ):
-                report.add(r)
-            batch.clear()
+    async def settle_oldest() -> None:
+        nonlocal queued
+        task, _ = pending[0]
+        try:
+            results = await task
+        finally:
+            pending.popleft()
+        queued -= len(results)
+        for r in results:
+            report.add(r)
         if progress is not None:
-            progress(report.rows)
+            progress(report.rows + queued)
 
-    for number, fields in rows:
-        parsed = parse_count(number, fields, assume_utc=assume_utc)
-        if isinstance(parsed, CountResult):
-            report.add(parsed)
-            continue
-        batch.append(parsed)
-        if len(batch) >= chunk:
-            await flush()
-    await flush()
+    async def send() -> None:
+        nonlocal batch, queued
+        positions = {(r.sku, r.location) for r in batch}
+        # rows of one position keep their order: wait for every call that counts it
+        while pending and any(not p.isdisjoint(positions) for _, p in pending):
+            await settle_oldest()
+        while len(pending) >= inflight:
+            await settle_oldest()
+        rows_, batch = batch, []
+        task = asyncio.ensure_future(
+            atp.apply_counts(count_id, rows_, dry_run=dry_run, source=source, actor=actor)
+        )
+        pending.append((task, positions))
+        queued += len(rows_)
+
+    source_error: Exception | None = None
+    it = iter(rows)
+    n = 0
+    try:
+        while True:
+            try:
+                number, fields = next(it)
+            except StopIteration:
+                break
+            except (InvalidRequest, OSError, UnicodeError, csv.Error) as e:
+                source_error = e
+                break
+            n += 1
+            parsed = parse_count(number, fields, assume_utc=assume_utc)
+            if isinstance(parsed, CountResult):
+                report.add(parsed)
+            else:
+                batch.append(parsed)
+                if len(batch) >= chunk:
+                    await send()
+            if pending and n % _YIELD_EVERY == 0:
+                # the parsing is synchronous: let the calls in flight be written and read
+                await asyncio.sleep(0)
+        if batch and source_error is None:
+            await send()
+        while pending:  # calls already sent are seen through, even when the source failed
+            await settle_oldest()
+    finally:
+        for task, _ in pending:  # a failure (Redis, a cancel): leave nothing running
+            task.cancel()
+        if pending:
+            await asyncio.gather(*(t for t, _ in pending), return_exceptions=True)
+    if source_error is not None:
+        detail = (
+            source_error.detail
+            if isinstance(source_error, InvalidRequest)
+            else f"reading the source failed: {source_error.__class__.__name__}: {source_error}"
+        )
+        raise InvalidRequest(
+            f"{detail} (after {n:,} rows; the count stopped there: run it again with count id "
+            f"{count_id} to resume)",
+            field="source",
+            report=report,
+        ) from source_error
+    if progress is not None:
+        progress(report.rows)
     return report
+
+
+_YIELD_EVERY = 32
+
+
+def default_count_id(source: str, now: datetime | None = None) -> str:
+    """A count id from the source's name and the time (UTC, to the second), e.g.
+    ``counts-20261127T101500Z`` for ``/data/counts.csv``: what ``atp reconcile`` uses when
+    it is given none (and prints, so the count can be resumed under the same id)."""
+    at = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = source.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    stem = name.rsplit(".", 1)[0] if "." in name and "://" not in source else name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("._-")[:96] or "count"
+    return f"{stem}-{at}"
+
+
+def parse_columns(specs: Iterable[str]) -> dict[str, str]:
+    """``["sku=item_no", "counted_qty=qty"]`` as ``{"sku": "item_no", ...}``: our column
+    name, then the source's.
+
+    :raises ValueError: a spec that is not ``ours=theirs``, or names one of ours twice.
+    """
+    out: dict[str, str] = {}
+    for spec in specs:
+        ours, eq, theirs = spec.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not eq or not ours or not theirs:
+            raise ValueError(f"a column renaming is ours=theirs, e.g. sku=item_no; got {spec!r}")
+        if ours in out:
+            raise ValueError(f"column {ours!r} renamed twice")
+        out[ours] = theirs
+    return out
+
+
+def write_report(report: CountReport, path: str | Path) -> None:
+    """Write ``report.to_dict()`` as JSON to ``path`` (through a temporary file beside it,
+    so a reader never sees half a report)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target)

@@ -44,11 +44,27 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(default=None, description="bootstrap admin bearer key")
     key_refresh_seconds: float = Field(default=1.0, gt=0, le=60)
     reaper_interval: float = Field(
-        default=1.0, ge=0, description="seconds between hold reaps in `atp serve`; 0 = off"
+        default=1.0,
+        ge=0,
+        description="seconds between hold reaps by `atp worker` (and by the API app itself "
+        "when it runs without a worker: `atp serve --no-worker`, or served otherwise); 0 = off",
     )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     count_skew_seconds: int = Field(
         default=300, ge=0, le=86_400, description="how far in the future a count may be dated"
+    )
+    worker_chunk: int = Field(
+        default=2000, ge=1, le=10_000, description="count rows a worker applies per script call"
+    )
+    worker_claim_idle_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="a batch pending this long with no progress from its worker is claimed "
+        "by another (its worker is taken for dead)",
+    )
+    counts_max_rows: int = Field(default=100_000, ge=1, le=10_000_000, description="per batch")
+    counts_retention_seconds: int = Field(
+        default=7 * 86400, ge=60, description="finished count batches (rows, result) kept"
     )
 
     @model_validator(mode="after")

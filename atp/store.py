@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 
+from . import counts
 from .errors import (
     AlreadyFulfilled,
     ATPError,
@@ -587,7 +588,9 @@ class ATP:
                     res, _, events, stats, exc = self._bucket_keys(b)
                     keys += (events, res, stats, exc)
                     for _, r in members:
-                        _, pos, _, log, lx = self._line_keys(r.sku, r.location)
+                        # not through the reserve path's cache: a count names each
+                        # position once, and would only push the hot ones out of it
+                        _, pos, _, log, lx = self._make_line_keys(r.sku, r.location)
                         keys += (pos, log, lx)
                     req_groups.append(
                         {
@@ -614,28 +617,71 @@ class ATP:
                     )  # fmt: skip
         return [r for r in results if r is not None]
 
+    async def enqueue_counts(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        count_id: str | None = None,
+        source: str = "",
+        assume_utc: bool = False,
+        actor: str = "",
+    ) -> str:
+        """Queue a count for the workers (atp.worker) and return its batch id; rows are
+        stored as received and each is parsed, or refused with its reason, by the worker.
+        Parameters as :func:`atp.counts.enqueue_counts`."""
+        return await counts.enqueue_counts(
+            self, rows, count_id=count_id, source=source, assume_utc=assume_utc, actor=actor
+        )
+
+    async def count_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """A queued count batch: status, progress (``done`` of ``rows``) and, once done, its
+        report; None for an unknown id. See :func:`atp.counts.count_batch`."""
+        return await counts.count_batch(self, batch_id)
+
     async def exceptions(
-        self, *, status: str | None = "open", kind: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = "open",
+        kind: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
     ) -> list[ExceptionRecord]:
-        """Exceptions over the whole deployment, newest first.
+        """Exceptions over the whole deployment, newest first (by time raised, then id).
+
+        Every bucket's exceptions hash is scanned (HSCAN, so the server is never blocked)
+        on each call: fine for the thousands of exceptions operators work through, not an
+        index for millions. Memory stays bounded by ``limit`` however many there are.
 
         :param status: ``open``, ``resolved`` or ``None`` for both.
         :param kind: ``oversell`` or ``short_pick``; ``None`` for every kind.
         :param limit: at most this many (1..1000).
+        :param before: an exception id; only exceptions after it in this order (for
+            paging: pass the last id of the previous page).
+        :raises UnknownException: ``before`` names no exception.
         """
         if status not in (None, "open", "resolved"):
             raise InvalidRequest("status must be open or resolved", field="status")
         if kind is not None:
             check_text(kind, "kind", 32)
         check_int(limit, "limit", 1, 1000)
-        found: list[ExceptionRecord] = []
+        top = None if before is None else _exception_order(await self.exception(before))
+        kept: dict[str, tuple[tuple[int, int, int], ExceptionRecord]] = {}
         for b in range(self.keys.buckets):
+            # HSCAN may return an entry twice (a rehash under way): keyed by id
             async for _, raw in self.redis.hscan_iter(self._bucket_keys(b)[4], count=500):
                 rec = _exception(json.loads(raw))
-                if (status is None or rec.status == status) and (kind is None or rec.kind == kind):
-                    found.append(rec)
-        found.sort(key=lambda e: (e.raised_at, e.id), reverse=True)
-        return found[:limit]
+                if (status is not None and rec.status != status) or (
+                    kind is not None and rec.kind != kind
+                ):
+                    continue
+                order = _exception_order(rec)
+                if top is not None and order >= top:
+                    continue
+                kept[rec.id] = (order, rec)
+                if len(kept) >= 2 * limit:
+                    kept = dict(sorted(kept.items(), key=lambda kv: kv[1][0], reverse=True)[:limit])
+        newest = sorted(kept.values(), key=lambda v: v[0], reverse=True)
+        return [rec for _, rec in newest[:limit]]
 
     async def exception(self, exception_id: str) -> ExceptionRecord:
         """One exception by id.
@@ -659,29 +705,41 @@ class ATP:
     ) -> ExceptionRecord:
         """Resolve an exception: ``release`` releases the reservations it names at risk
         (those still live; each release is its own audited movement), ``keep`` leaves them.
-        The resolution (action, note, who, when, what was released) is recorded on the
-        exception and announced on the outbox. Resolving again the same way returns it;
-        another way raises :class:`~atp.errors.AlreadyResolved`."""
+        The resolution is claimed first (lua/resolve.lua), so no other action can win once
+        releasing starts, and a retry after a crash continues it; it is then recorded
+        (action, note, who, when, the at-risk reservations that stand released) and
+        announced on the outbox. Resolving again the same way returns it; another way
+        raises :class:`~atp.errors.AlreadyResolved`."""
         if action not in ("release", "keep"):
             raise InvalidRequest("action must be release or keep", field="action")
         check_text(note, "note", 1000, required=False)
-        current = await self.exception(exception_id)
+        b = self._exception_bucket(exception_id)
+        keys = (self._bucket_keys(b)[4], self._bucket_keys(b)[2])
+        cfg = self._cfg(actor, source)
+        req: dict[str, Any] = {
+            "id": exception_id, "phase": "claim", "action": action, "note": note, "released": [],
+        }  # fmt: skip
+        out = await self._run("resolve", keys, cfg, req)
+        current = _exception(out["exception"])
+        if out["replay"]:
+            return current
         released: list[str] = []
-        if current.status == "open" and action == "release":
+        if action == "release":
+            reason = f"exception {exception_id}"
             for r in current.data.get("at_risk") or []:
                 rid = r["reservation_id"]
                 try:
-                    res = await self.release(
-                        rid, reason=f"exception {exception_id}", actor=actor, source=source
-                    )
+                    await self.release(rid, reason=reason, actor=actor, source=source)
+                    parts, _ = await self._parts(rid)
                 except (UnknownReservation, AlreadyFulfilled):
                     continue
-                if not res.replayed:
+                # released by this resolution (now, or by an attempt a crash interrupted),
+                # not by someone else before
+                if any(p["st"] == "released" and p.get("rsn") == reason for p in parts):
                     released.append(rid)
-        b = self._exception_bucket(exception_id)
-        bk = self._bucket_keys(b)
-        req = {"id": exception_id, "action": action, "note": note, "released": released}
-        out = await self._run("resolve", (bk[4], bk[2]), self._cfg(actor, source), req)
+        out = await self._run(
+            "resolve", keys, cfg, {**req, "phase": "finish", "released": released}
+        )
         return _exception(out["exception"])
 
     def _exception_bucket(self, exception_id: str) -> int:
@@ -999,6 +1057,55 @@ class ATP:
         """
         parts, now = await self._parts(reservation_id, await self._index(reservation_id, channels))
         return _reservation({"parts": parts, "replay": 0}, now_ms=now)
+
+    async def reservations(
+        self, *, statuses: Collection[str] | None = ("held", "confirmed"), batch: int = 500
+    ) -> AsyncIterator[Reservation]:
+        """Every reservation of the deployment with one of ``statuses`` (by default the
+        live ones: held or confirmed; ``None`` for all), in no particular order.
+
+        Walks each bucket's reservation index with HSCAN, ``batch`` entries at a time, and
+        reads each batch's parts in one round trip: memory stays bounded by ``batch``
+        however large the book, and the server is never blocked. Not a snapshot: a
+        reservation made or changed during the walk may or may not be seen, and HSCAN may
+        return an entry twice (while the hash grows), so callers that count dedupe by id.
+        A reservation still being taken on a cluster, or one whose parts are missing (what
+        ``atp verify`` reports), is skipped.
+
+        :param batch: index entries per round trip (1..10,000).
+        """
+        check_int(batch, "batch", 1, 10_000)
+        wanted = None if statuses is None else frozenset(statuses)
+        for b in range(self.keys.buckets):
+            key = self.keys.index_of_bucket(b)
+            cursor: int = 0
+            while True:
+                cursor, entries = await self.redis.hscan(key, cursor, count=batch)
+                todo: list[tuple[str, list[int]]] = []
+                for rid_raw, raw in cast(dict[Any, Any], entries).items():
+                    index = json.loads(raw)
+                    if index.get("state") != "pending":
+                        todo.append((_s(rid_raw), [p["b"] for p in index["parts"]]))
+                if todo:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for rid, buckets in todo:
+                        for pb in buckets:
+                            pipe.hget(self._bucket_keys(pb)[0], rid)
+                    raws = list(await pipe.execute())
+                    now = await self._now_ms()
+                    i = 0
+                    for _, buckets in todo:
+                        got = raws[i : i + len(buckets)]
+                        i += len(buckets)
+                        if any(r is None for r in got):
+                            continue
+                        res = _reservation(
+                            {"parts": [json.loads(r) for r in got], "replay": 0}, now_ms=now
+                        )
+                        if wanted is None or res.status in wanted:
+                            yield res
+                if int(cursor) == 0:
+                    break
 
     async def totals(self) -> tuple[int, int]:
         """Units committed, and units on hold, over the whole deployment (one round trip;
@@ -1419,6 +1526,17 @@ def _exception(d: dict[str, Any]) -> ExceptionRecord:
         raised_at=ms_to_dt(int(d.get("raised_at", 0))),
         data={k: v for k, v in d.items() if k != "resolution"},
         resolution=_resolution(d.get("resolution")),
+    )
+
+
+def _exception_order(e: ExceptionRecord) -> tuple[int, int, int]:
+    """Where an exception sorts, oldest first: time raised (ms), then bucket and number of
+    its id ("<bucket>-<n>")."""
+    b, _, n = e.id.partition("-")
+    return (
+        int(e.data.get("raised_at", 0)),
+        int(b) if b.isdigit() else 0,
+        int(n) if n.isdigit() else 0,
     )
 
 

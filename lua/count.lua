@@ -2,7 +2,11 @@
 counted (DESIGN.md, reconciliation). For one row of a position:
 
   on_hand at the count's time  = on_hand_before of the first movement logged after it
-                                 (the log chains, I5), or the current on_hand if none
+                                 (the log chains, I5), or the current on_hand if none,
+                                 plus the drift of counts taken before it but applied
+                                 after it (a correction of an earlier moment, not a
+                                 movement after the count: without it that drift would
+                                 be counted twice)
   drift                        = counted - on_hand at the count's time
   new on_hand                  = current on_hand + drift
                                  (= counted + every on-hand movement after the count)
@@ -22,7 +26,9 @@ over); the same count id already counted the
 position on another row (a duplicate); or the result would be negative or above the
 maximum. A row this count id already applied (a worker retrying a batch after a crash)
 is reported `already` with its original figures and not applied twice: each position
-keeps its last few applied counts in field `cc`.
+keeps its last few applied counts in field `cc` (with when each was applied, `ap`, and
+its ordinal `n`); when more counts were applied after the row's time than it keeps, the
+row is refused as before_retention too.
 
 KEYS: per group (one bucket): events | res | stats | exc, then per row: pos | log | lx
 ARGV:
@@ -126,8 +132,18 @@ for _, g in ipairs(req.groups) do
           no('superseded', 'on_hand was set after the count was taken')
         else
           local at_t = on_hand_at(lk.log, r.t, cur)
+          -- counts logged after r.t were taken before it (a later one supersedes this
+          -- row): their drift belongs to the book as of r.t
+          local forgotten = #cc > 0 and (cc[1].ap or 0) > r.t and (cc[1].n or 1) > 1
+          if at_t ~= nil then
+            for _, c in ipairs(cc) do
+              if (c.ap or 0) > r.t then at_t = at_t + c.d end
+            end
+          end
           if at_t == nil then
             no('before_retention', 'the movement log no longer reaches back to counted_at')
+          elseif forgotten then
+            no('before_retention', 'more counts were applied after counted_at than the position keeps')
           else
             local drift = r.q - at_t
             local after = cur + drift
@@ -143,16 +159,19 @@ for _, g in ipairs(req.groups) do
                 if cm > after - ss then res.at_risk = cm - (after - ss) end
               else
                 res.st = 'applied'
-                cc[#cc + 1] = { id = req.cid, row = r.row, t = r.t, b = cur, a = after, d = drift, at = at_t }
-                while #cc > CC_KEEP do table.remove(cc, 1) end
-                redis.call('HSET', lk.pos, 'on_hand', after, 'cc', cjson.encode(cc))
-                redis.call('XADD', lk.log, 'MAXLEN', '~', cfg.log_max, '*',
+                local mid = redis.call('XADD', lk.log, 'MAXLEN', '~', cfg.log_max, '*',
                   'kind', 'count', 'reason', 'cycle_count', 'actor', str(cfg.actor),
                   'source', str(cfg.source), 'ref', req.cid, 'rid', '', 'channel', '',
                   'on_hand_before', cur, 'on_hand_after', after,
                   'committed_before', cm, 'committed_after', cm, 'at', now,
                   'counted', r.q, 'counted_at', string.format('%d', r.t), 'drift', drift,
                   'row', string.format('%d', r.row))
+                local n = 1
+                if #cc > 0 then n = (cc[#cc].n or #cc) + 1 end
+                cc[#cc + 1] = { id = req.cid, row = r.row, t = r.t, b = cur, a = after, d = drift,
+                  at = at_t, ap = tonumber(string.match(mid, '^(%d+)')), n = n }
+                while #cc > CC_KEEP do table.remove(cc, 1) end
+                redis.call('HSET', lk.pos, 'on_hand', after, 'cc', cjson.encode(cc))
                 if drift ~= 0 then
                   emit(cfg, bk.events, 'counted', '', '', now, { sku = r.sku, location = r.loc,
                     count = req.cid, counted = r.q, counted_at = r.t, drift = drift,

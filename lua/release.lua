@@ -94,6 +94,8 @@ for pi, rec in ipairs(recs) do
     local was = rec.st
     rec.st = final
     rec.up = now
+    -- why it was released, kept on the part (an exception's resolution looks for its own)
+    if was ~= final and final == 'released' then rec.rsn = reason end
     redis.call('HSET', k.res, req.id, cjson.encode(rec))
     if was ~= final then emit(cfg, k.events, final, req.id, rec.ch, now, { reason = reason }) end
   end

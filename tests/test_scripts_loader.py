@@ -87,10 +87,11 @@ async def test_call_reloads_after_flush(atp: ATP) -> None:
 
 def _set_call(core: ATP, sku: str, on_hand: int) -> tuple[str, list[str], list[str]]:
     k = core.keys.position(sku, "W1")
-    ev = core.keys.events(core.keys.bucket(sku))
-    res = core.keys.bucket_keys(core.keys.bucket(sku)).res
-    req = {"sku": sku, "loc": "W1", "on_hand": on_hand, "reason": "bulk"}
-    return "set_position", [k.pos, k.log, ev, k.lx, res], [core._cfg("", ""), json.dumps(req)]
+    b = core.keys.bucket(sku)
+    bk = core.keys.bucket_keys(b)
+    req = {"sku": sku, "loc": "W1", "b": b, "on_hand": on_hand, "reason": "bulk"}
+    keys = [k.pos, k.log, bk.events, k.lx, bk.res, bk.stats, bk.exc]
+    return "set_position", keys, [core._cfg("", ""), json.dumps(req)]
 
 
 def _receive_call(core: ATP, sku: str, qty: int) -> tuple[str, list[str], list[str]]:

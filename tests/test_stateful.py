@@ -25,7 +25,7 @@ import asyncio
 import json
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -797,17 +797,9 @@ class ATPMachine(RuleBasedStateMachine):
         bk, pk = ks.bucket_keys(b), ks.position(*p)
         n = over.pop("n", 1)
         lines = over.pop("lines", [line])
-        keys = [
-            ks.index("r0"),
-            bk.res,
-            bk.holds,
-            bk.events,
-            bk.stats,
-            pk.pos,
-            pk.hx,
-            pk.log,
-            *over.pop("extra_keys", []),
-        ]
+        # KEYS as part_keys (lua/_lib.lua) walks them: index, the bucket's keys, then the
+        # line's SKU totals and position keys; a well-formed request but for the one fault
+        keys = [ks.index("r0"), *bk.tuple(), *pk.line(), *over.pop("extra_keys", [])]
         req = {
             "id": "r0",
             "ch": "web",
@@ -815,14 +807,21 @@ class ATPMachine(RuleBasedStateMachine):
             "fp": "x",
             "idx": True,
             "home": ks.bucket("r0"),
+            "rv": 0,
             "parts": [{"b": b, "n": n, "lines": lines}],
         }
         req.update(over)
         return "reserve", keys, req
 
     def _raw_position(self, name: str, p: Pos, **req: Any) -> tuple[str, list[str], dict[str, Any]]:
-        pk = self.core.keys.position(*p)
-        return name, [pk.pos, pk.log, self.core._events(p[0])], {"sku": p[0], "loc": p[1], **req}
+        ks = self.core.keys
+        b = ks.bucket(p[0])
+        bk, pk = ks.bucket_keys(b), ks.position(*p)
+        if name == "receive":  # pos, log, events
+            return name, [pk.pos, pk.log, bk.events], {"sku": p[0], "loc": p[1], **req}
+        # set_position and adjust: pos, log, events, lx, res, stats, exc, and the bucket
+        keys = [pk.pos, pk.log, bk.events, pk.lx, bk.res, bk.stats, bk.exc]
+        return name, keys, {"sku": p[0], "loc": p[1], "b": b, **req}
 
     def _raw_reservation(
         self, name: str, p: Pos, **req: Any
@@ -830,7 +829,7 @@ class ATPMachine(RuleBasedStateMachine):
         ks = self.core.keys
         b = ks.bucket(p[0])
         bk, pk = ks.bucket_keys(b), ks.position(*p)
-        keys = [ks.index("r0"), bk.res, bk.holds, bk.events, pk.pos, pk.hx, pk.log]
+        keys = [ks.index("r0"), *bk.tuple(), *pk.line()]
         return name, keys, {"id": "r0", "idx": True, "parts": [{"b": b, "n": 1}], **req}
 
     RAW_CASES = (
@@ -885,7 +884,7 @@ class ATPMachine(RuleBasedStateMachine):
             "reserve no fp": self._raw_reserve(p, ln, fp=None),
             "reserve n mismatch": self._raw_reserve(p, ln, n=2),
             "reserve dup line": self._raw_reserve(
-                p, ln, n=2, lines=[ln, ln], extra_keys=[pk.pos, pk.hx, pk.log]
+                p, ln, n=2, lines=[ln, ln], extra_keys=list(pk.line())
             ),
             "reserve extra key": self._raw_reserve(p, ln, extra_keys=["{t:0}:x"]),
             "reserve no channel": self._raw_reserve(p, ln, ch=""),
@@ -918,19 +917,54 @@ class ATPMachine(RuleBasedStateMachine):
             "release reason number": self._raw_reservation("release", p, reason=5),
             "expire ids str": (
                 "expire_holds",
-                list(self._raw_reserve(p, ln)[1][1:4]),
+                list(self._raw_reserve(p, ln)[1][1:6]),
                 {"ids": "r0"},
             ),
             "expire n 0": (
                 "expire_holds",
-                list(self._raw_reserve(p, ln)[1][1:4]),
+                list(self._raw_reserve(p, ln)[1][1:6]),
                 {"ids": [{"id": "r0", "n": 0}]},
             ),
         }
         name, keys, req = cases[case]
-        self.expect(
+        _, exc, _ = self.expect(
             self.core._run(name, keys, self.core._cfg("", ""), req), InvalidRequest, changes=False
         )
+        # refused for the fault the case plants, not for some other shape problem
+        assert exc is not None and self.RAW_WHY[case] in exc.detail, (case, exc.detail)
+
+    RAW_WHY: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            ["reserve qty 0", "reserve qty -1", "reserve qty 1.5", "reserve qty str"],
+            "qty must be a whole number",
+        ),
+        "reserve qty null": "qty must be a whole number",
+        "reserve qty huge": "qty must be a whole number",
+        "reserve hold -1": "hold must be",
+        "reserve hold 1.5": "hold must be",
+        "reserve no fp": "missing request fingerprint",
+        "reserve n mismatch": "part line count mismatch",
+        "reserve dup line": "duplicate line",
+        "reserve extra key": "KEYS do not match",
+        "reserve no channel": "channel must be",
+        "adjust delta 0": "delta must be",
+        "adjust delta 0.5": "delta must be",
+        "adjust delta str": "delta must be",
+        "set on_hand -1": "on_hand must be",
+        "set on_hand 2.5": "on_hand must be",
+        "set ss -1": "safety_stock must be",
+        "receive qty 0": "qty must be a whole number",
+        "receive qty 1.5": "qty must be a whole number",
+        "receive no ref": "reference must be",
+        "fulfil shipped -1": "shipped and short must be",
+        "fulfil short 0.5": "shipped and short must be",
+        "fulfil nothing": "ships nothing",
+        "fulfil no fid": "fulfilment id must be",
+        "confirm no parts": "parts must be a non-empty list",
+        "release reason number": "reason must be",
+        "expire ids str": "ids must be a list",
+        "expire n 0": "bad candidate",
+    }
 
     # -- after every step --------------------------------------------------------------------
 
@@ -1029,6 +1063,37 @@ def test_state_machine_against_model(server: EmbeddedServer, settings: Settings)
             ),
         )
     finally:
+        loop.run_until_complete(_drain())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def test_every_raw_script_case_is_refused_for_its_fault(
+    server: EmbeddedServer, settings: Settings
+) -> None:
+    """Each bad request sent straight to a script, once, on an empty book and on one with
+    the position: refused for the fault it plants (so the KEYS and request around it stay
+    well formed as the scripts change), and nothing changes."""
+    assert set(ATPMachine.RAW_WHY) == set(ATPMachine.RAW_CASES)
+    loop = asyncio.new_event_loop()
+
+    class Machine(ATPMachine):
+        pass
+
+    Machine.url = server.url
+    Machine.cfg = settings
+    Machine.loop = loop
+    m = Machine()
+    try:
+        p = POSITIONS[0]
+        for case in ATPMachine.RAW_CASES:
+            m.raw_script_bad_input(case, p)
+        m.run(m.core.set_position(*p, 20, reason="init"))
+        m.run(m.core.reserve("r0", "web", [(p[0], p[1], 2)], hold_seconds=0))
+        for case in ATPMachine.RAW_CASES:
+            m.raw_script_bad_input(case, p)
+    finally:
+        m.teardown()
         loop.run_until_complete(_drain())
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

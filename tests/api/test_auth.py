@@ -192,6 +192,13 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         ("DELETE", "/v1/keys/{key_id}"),  # tested on its own below
         ("PUT", "/v1/rules"),
         ("GET", "/v1/rules"),
+        # scopes of these in tests/api/test_exceptions.py (they need a raised exception)
+        ("GET", "/v1/exceptions"),
+        ("GET", "/v1/exceptions/{exception_id}"),
+        ("POST", "/v1/exceptions/{exception_id}/resolve"),
+        # scopes of these in tests/api/test_counts.py (reading one needs a queued batch)
+        ("POST", "/v1/counts"),
+        ("GET", "/v1/counts/{batch_id}"),
     }
     assert protected == templated
 

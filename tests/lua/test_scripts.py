@@ -731,7 +731,12 @@ async def test_fulfil_short_pick(core: ATP) -> None:
     assert "short pick 2" in m.reason
     [ex] = await events(core, "A", "exception")
     assert ex["rid"] == "r1"
+    b = core.keys.bucket("A")
     assert ex["data"] == {
+        "id": f"{b}-1",
+        "status": "open",
+        "raised_at": int(ex["at"]),
+        "reservation_id": "r1",
         "kind": "short_pick",
         "sku": "A",
         "location": "W1",
@@ -739,7 +744,12 @@ async def test_fulfil_short_pick(core: ATP) -> None:
         "remainder": 2,
         "fulfilment": "f1",
     }
-    await balanced(core, allow_uncovered=True)
+    # the same record is kept in the bucket's exceptions, open until resolved
+    rec = await core.exception(f"{b}-1")
+    assert (rec.kind, rec.status, rec.data) == ("short_pick", "open", ex["data"])
+    assert [e.id for e in await core.exceptions()] == [f"{b}-1"]
+    # the position is still covered (5 on hand, 2 committed): no oversell
+    await balanced(core)
 
 
 async def test_fulfil_short_pick_uncovering_raises_oversell(core: ATP) -> None:
@@ -749,6 +759,14 @@ async def test_fulfil_short_pick_uncovering_raises_oversell(core: ATP) -> None:
     assert await pos(core, "A") == (0, 2, 0)
     kinds = [e["data"]["kind"] for e in await events(core, "A", "exception")]
     assert kinds == ["short_pick", "oversell"]
+    # on the outbox: the exceptions, raised once the reservation is written, then the fulfil
+    assert [e["type"] for e in await events(core, "A")][-3:] == ["exception", "exception", "fulfil"]
+    b = core.keys.bucket("A")
+    pick, over = await events(core, "A", "exception")
+    assert (pick["data"]["id"], over["data"]["id"]) == (f"{b}-1", f"{b}-2")
+    assert pick["data"]["shortfall"] == over["data"]["shortfall"] == 2
+    assert [a["reservation_id"] for a in over["data"]["at_risk"]] == ["r1"]
+    assert {e.id for e in await core.exceptions()} == {f"{b}-1", f"{b}-2"}
     rep = await balanced(core, allow_uncovered=True)
     assert rep.uncovered == ["A@W1"]
     # the rest can no longer ship: there is nothing on hand
