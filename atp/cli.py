@@ -419,7 +419,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except InvalidRequest as e:
         print(f"atp: {e.detail}", file=sys.stderr)
         return 2
-    count_id = args.count_id or default_count_id(args.table or src.name)
+    # a table's name (schema.table) has no extension to drop, a file's has
+    count_id = args.count_id or default_count_id(
+        args.table.replace(".", "-") if args.table else src.name
+    )
     if not args.count_id:
         # on stderr, so that --json output stays one document
         print(
@@ -462,6 +465,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"atp: interrupted; to finish the count, run again with --count-id {count_id} "
+            "(no row is applied twice)",
+            file=sys.stderr,
+        )
+        return 130
     bar.close()
     if args.report:
         try:
@@ -729,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_chunk,
         default=None,
         metavar="N",
-        help="rows per script call (default 250)",
+        help="rows per script call (default 100)",
     )
     rc_.set_defaults(func=cmd_reconcile)
     rules = sub.add_parser("rules", help="apply or show the allocation rules")

@@ -358,6 +358,27 @@ async def test_running_a_count_again_applies_nothing_twice(
     assert await snapshot(atp) == before
 
 
+async def test_a_count_stopped_midway_resumes_under_its_id(
+    atp: ATP, cli: Cli, tmp_path: Path
+) -> None:
+    """A count cut short (here: only its first 17 rows got applied) is finished by
+    running the whole source again under the same id: each row applied exactly once."""
+    await positions(atp, *((f"R{i}", 10) for i in range(30)))
+    at = (await count_time(atp)).isoformat()
+    write_csv(tmp_path / "c.csv", [[f"R{i}", "W1", 20 + i, at] for i in range(30)])
+    first = list(open_source(tmp_path / "c.csv"))[:17]
+    done = await reconcile(atp, first, count_id="resume-1", chunk=5)
+    assert done.applied == 17
+    out = await cli("reconcile", "c.csv", "--count-id", "resume-1", "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert (rep["applied"], rep["already_applied"], rep["refused"]) == (13, 17, 0)
+    assert [await on_hand(atp, f"R{i}") for i in range(30)] == [20 + i for i in range(30)]
+    for i in (0, 29):  # one count movement per position
+        moves = await atp.movements(f"R{i}", "W1")
+        assert [m.ref for m in moves if m.reason == "cycle_count"] == ["resume-1"]
+
+
 async def test_rows_of_one_position_apply_in_order_with_calls_in_flight(atp: ATP) -> None:
     """With one row per call and several calls in flight, a later row of a position
     waits for the call that counts it: the first row always wins, the second is the
