@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atp import ATP, Line
-from atp.models import CHANNEL_RE, CUSTOMER_RE, IDENT_RE, REGION_RE, RESERVATION_ID_RE
 from atp._wire import _dumps, _reserve_fp_json, _reserve_req_json, _Spec
+from atp.models import CHANNEL_RE, CUSTOMER_RE, IDENT_RE, REGION_RE, RESERVATION_ID_RE
 
 idents = st.from_regex(IDENT_RE, fullmatch=True)
 channels = st.from_regex(CHANNEL_RE, fullmatch=True)
