@@ -179,9 +179,12 @@ for pi, p in ipairs(req.parts) do
         any = true
         onh[pi][li][ci] = pos.on_hand
         local prs = l.pr and l.pr[ci]
-        local a = channel_atp(pos, req.ch, prs, function(g)
-          return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
-        end)
+        local a = pos.on_hand - pos.committed - pos.safety_stock
+        if prs then
+          a = channel_atp(pos, req.ch, prs, function(g)
+            return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
+          end)
+        end
         avail[ci] = math.max(0, a)
         if pos.on_hand - pos.committed - pos.safety_stock >= l.qty then raw_ok = true end
       else
