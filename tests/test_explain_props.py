@@ -32,6 +32,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import snapshot
 
 from atp import ATP, InsufficientStock
 from atp.errors import BuyerLimitExceeded
@@ -178,15 +179,6 @@ def adds_up(ex: Any) -> None:
         assert ex.cap_left == max(0, ex.cap - ex.cap_used), ex
     if ex.buyer_left is not None:
         assert ex.buyer_left == max(0, ex.buyer_limit - ex.buyer_used), ex
-
-
-async def snapshot(core: ATP) -> dict[str, Any]:
-    keys: list[str] = [core.keys.sku(SKU)]
-    for loc in LOCS:
-        k = core.keys.position(SKU, loc)
-        keys += [k.pos, k.hx, k.log, k.lx]
-    keys += core.keys.bucket_keys(core.keys.bucket(SKU)).tuple()
-    return {k: await core.redis.dump(k) for k in keys}
 
 
 async def set_up(

@@ -30,6 +30,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import snapshot
 
 from atp import ATP, InsufficientStock
 
@@ -109,17 +110,6 @@ def route(
             take = None
         best = min(best, max(0, cap_left))
     return take, best
-
-
-async def snapshot(core: ATP) -> dict[str, Any]:
-    """Everything the call may touch: every position, the SKU totals, the bucket."""
-    keys = [core.keys.position(SKU, loc).pos for loc in LOCS]
-    keys += [core.keys.position(SKU, loc).hx for loc in LOCS]
-    keys += [core.keys.sku(SKU), *core.keys.bucket_keys(core.keys.bucket(SKU)).tuple()]
-    out: dict[str, Any] = {}
-    for k in keys:
-        out[k] = await core.redis.dump(k)
-    return out
 
 
 _settings = settings(

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import pytest
+from support import snapshot
 
 from atp import ATP, FulfilLine, InvalidRequest
 from atp.errors import AlreadyResolved, UnknownException
@@ -34,26 +35,6 @@ def core(request: pytest.FixtureRequest) -> ATP:
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-async def snapshot(core: ATP) -> dict[str, Any]:
-    """Every key and its full content."""
-    r = core.redis
-    out: dict[str, Any] = {}
-    async for raw in r.scan_iter(count=1000):
-        key = _s(raw)
-        kind = _s(await r.type(key))
-        value: Any
-        if kind == "hash":
-            value = sorted((await r.hgetall(key)).items())
-        elif kind == "zset":
-            value = await r.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await r.xrange(key)
-        else:
-            value = await r.dump(key)
-        out[key] = (kind, value)
-    return out
 
 
 async def balanced(core: ATP, *, allow_uncovered: bool = False) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
+from support import snapshot
 
 from atp import ATP, FulfilLine, IdempotencyConflict, InsufficientStock, Line, Refused
 from atp.errors import ATPError, BuyerLimitExceeded, CustomerRequired, NoRoute
@@ -42,26 +43,6 @@ def _s(v: Any) -> str:
 async def balanced(core: ATP, *, allow_uncovered: bool = False) -> None:
     rep = await verify(core, allow_uncovered=allow_uncovered)
     assert rep.ok, rep.problems
-
-
-async def snapshot(core: ATP) -> dict[str, Any]:
-    """Every key and its full content (works on both backends)."""
-    r = core.redis
-    out: dict[str, Any] = {}
-    async for raw in r.scan_iter(count=1000):
-        key = _s(raw)
-        kind = _s(await r.type(key))
-        value: Any
-        if kind == "hash":
-            value = sorted((await r.hgetall(key)).items())
-        elif kind == "zset":
-            value = await r.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await r.xrange(key)
-        else:  # pragma: no cover - the core writes no other types
-            value = kind
-        out[key] = (kind, value)
-    return out
 
 
 async def refused(core: ATP, exc: type[E], call: Awaitable[Any]) -> E:

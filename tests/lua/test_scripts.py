@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from support import snapshot
 
 from atp import (
     ATP,
@@ -57,28 +58,6 @@ async def balanced(core: ATP, *, allow_uncovered: bool = False) -> VerifyReport:
     rep = await verify(core, allow_uncovered=allow_uncovered)
     assert rep.ok, rep.problems
     return rep
-
-
-async def snapshot(core: ATP) -> dict[str, Any]:
-    """Every key and its full content (works on both backends)."""
-    r = core.redis
-    out: dict[str, Any] = {}
-    async for raw in r.scan_iter(count=1000):
-        key = _s(raw)
-        kind = _s(await r.type(key))
-        value: Any
-        if kind == "hash":
-            value = sorted((await r.hgetall(key)).items())
-        elif kind == "zset":
-            value = await r.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await r.xrange(key)
-        elif kind == "string":
-            value = await r.get(key)
-        else:  # pragma: no cover - the core writes no other types
-            value = kind
-        out[key] = (kind, value)
-    return out
 
 
 def distinct_bucket_skus(core: ATP, n: int) -> list[str]:
