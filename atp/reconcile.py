@@ -127,6 +127,18 @@ class CountReport:
             "refused_rows": self.refused_rows,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CountReport:
+        """A report back from :meth:`to_dict` (a worker carries on from the one saved)."""
+        report = cls(str(d.get("count_id", "")), str(d.get("source", "")))
+        report.dry_run = bool(d.get("dry_run"))
+        for attr, key in _SAVED:
+            setattr(report, attr, int(d.get(key) or 0))
+        report.exceptions = list(d.get("exceptions") or [])
+        report.refused_by_reason = Counter(d.get("refused_by_reason") or {})
+        report.refused_rows = list(d.get("refused_rows") or [])
+        return report
+
     def table(self) -> str:
         """The report as a plain-text table, for the terminal."""
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.1%}"
@@ -163,6 +175,15 @@ class CountReport:
                            f"{SAMPLE:,})")  # fmt: skip
         return "\n".join(out)
 
+
+# CountReport's figures as to_dict names them
+_SAVED = (
+    ("tolerance", "tolerance"), ("rows", "rows"), ("applied", "applied"),
+    ("already", "already_applied"), ("would_apply", "would_apply"), ("refused", "refused"),
+    ("within_tolerance", "within_tolerance"), ("total_abs_drift", "total_abs_drift"),
+    ("net_drift", "net_drift"), ("units_at_risk", "units_at_risk"),
+    ("exceptions_raised", "exceptions_raised"),
+)  # fmt: skip
 
 _COUNT_FIELDS = ("sku", "location", "counted_qty", "counted_at")
 

@@ -429,9 +429,11 @@ def _batch_of(fields: Mapping[Any, Any]) -> str:
 
 def _report_from(raw: str | None, count_id: str, source: str) -> CountReport:
     """A report as a worker left it (``CountReport.to_dict``), to carry on from."""
-    report = CountReport(count_id, source)
     if not raw:
-        return report
+        return CountReport(count_id, source)
+    report = CountReport.from_dict(json.loads(raw))
+    report.count_id, report.source = count_id, source
+    return report
     d = json.loads(raw)
     for field, key in (
         ("rows", "rows"), ("applied", "applied"), ("already", "already_applied"),

@@ -619,3 +619,17 @@ async def test_a_backend_failure_exits_1(cli: Cli, tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 1
     assert "backend" in out.stderr and "--count-id down-1" in out.stderr
+
+
+def test_a_report_survives_its_dict() -> None:
+    """A worker saves the report as to_dict() and carries on from it (atp.worker)."""
+    rep = CountReport("c-1", "counts.csv", tolerance=2)
+    rep.add(CountResult(row=1, status="applied", sku="A", location="W", drift=-3, units_at_risk=2,
+                        exception_id="3-1"))  # fmt: skip
+    rep.add(CountResult(row=2, status="already", sku="B", location="W", drift=1))
+    rep.add(
+        CountResult(row=3, status="refused", sku="C", location="W", reason="future", detail="x")
+    )
+    again = CountReport.from_dict(rep.to_dict())
+    assert again.to_dict() == rep.to_dict()
+    assert again.accuracy == rep.accuracy == 0.5
