@@ -5,6 +5,7 @@ reservation's index and parts. :class:`atp.ATP` is built from this and its mixin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -73,6 +74,7 @@ class CoreBase:
         # request resolved with another version than their bucket's (atp.rules)
         self._rules: Rules = EMPTY_RULES
         self._rules_checked = 0.0
+        self._rules_read: asyncio.Future[Rules] | None = None
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None, **kwargs: Any) -> Self:
@@ -150,9 +152,16 @@ class CoreBase:
         by default) and the document re-read when it moved. Reserving never waits on this:
         the script refuses a request resolved with another version, and it is retried."""
         age = self.settings.key_refresh_seconds if max_age is None else max_age
-        now = time.monotonic()
-        if now - self._rules_checked < age:
+        if time.monotonic() - self._rules_checked < age:
             return self._rules
+        # one read at a time: the calls that find the cache stale meanwhile share it (a
+        # thousand concurrent calls make one round trip, not a thousand)
+        if self._rules_read is None or self._rules_read.done():
+            self._rules_read = asyncio.ensure_future(self._read_rules())
+        return await asyncio.shield(self._rules_read)
+
+    async def _read_rules(self) -> Rules:
+        now = time.monotonic()
         key = self.keys.rules_doc()
         version = int(await self.redis.hget(key, "version") or 0)
         if version != self._rules.version:

@@ -4,6 +4,7 @@ the default, the SKU and the location, and versions applied through the core: hi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -421,3 +422,23 @@ async def test_another_instance_enforces_a_new_version_on_its_next_reserve(
     assert e is not None and e.rules_version == 4
     rep = await verify(atp)
     assert rep.ok, rep.problems
+
+
+async def test_concurrent_stale_readers_share_one_read(atp: ATP) -> None:
+    await atp.apply_rules({"channels": {"web": {"priority": 3}}})
+    other = ATP(atp.redis, atp.settings)  # a process that has not seen version 1
+    reads = 0
+    hget = other.redis.hget
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await hget(*args, **kwargs)
+
+    other.redis.hget = counting  # type: ignore[method-assign]
+    try:
+        got = await asyncio.gather(*(other.rules(max_age=0) for _ in range(200)))
+    finally:
+        other.redis.hget = hget  # type: ignore[method-assign]
+    assert {r.version for r in got} == {1}
+    assert reads == 1
