@@ -30,6 +30,7 @@ from .routes import (
     positions,
     reservations,
     rules,
+    verify,
 )
 
 log = logging.getLogger("atp.api")
@@ -208,7 +209,17 @@ def create_app(
         **_NO_OTEL,
     )
     problems.install(app)
-    for r in (health, positions, availability, reservations, rules, keys, exceptions, counts):
+    for r in (
+        health,
+        positions,
+        availability,
+        reservations,
+        rules,
+        keys,
+        exceptions,
+        counts,
+        verify,
+    ):
         app.include_router(r.router)
     fast = FastLane([*reservations.fast.routes, *availability.fast.routes], settings.max_body_bytes)
     app.add_middleware(

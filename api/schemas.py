@@ -420,6 +420,23 @@ class CountBatchOut(BaseModel):
     report: CountReportOut | None = Field(description="once done (for failed: so far)")
 
 
+class VerifyOut(BaseModel):
+    """The book checked against the invariants (atp.verify). A book that fails is still a
+    200: the check ran; ``ok`` and ``problems`` say what it found."""
+
+    model_config = ConfigDict(extra="forbid")
+    ok: bool = Field(description="no problem found")
+    positions: int = Field(description="positions checked")
+    reservations: int = Field(description="reservation parts checked")
+    movements: int = Field(description="movement log entries checked (0 with check_log=false)")
+    problems: list[str] = Field(description="what failed, one line each (at most 200)")
+    uncovered: list[str] = Field(
+        description="positions (sku@location) whose committed exceeds on_hand - safety_stock; "
+        "problems unless allow_uncovered"
+    )
+    summary: str = Field(description="the verdict in one line, as `atp verify` prints it")
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 

@@ -9,6 +9,10 @@ with uvicorn, and stops the embedded server with itself. It also runs one worker
 with itself; with ``--no-worker`` it runs none and the app reaps expired holds itself
 (``ATP_REAPER_INTERVAL``), for deployments that run their own workers.
 
+``atp verify`` checks the whole book (atp.verify) against Redis; ``atp verify --url URL``
+asks a running server's ``GET /v1/verify`` instead (admin key from ``--key`` or
+``ATP_ADMIN_KEY``). Exit 0 when the book is sound, 1 when not, 2 when it cannot be checked.
+
 ``atp worker`` reaps expired holds and applies queued count batches until SIGTERM/SIGINT
 (atp.worker); ``--once`` drains the queue and exits (cron, tests).
 
@@ -221,7 +225,18 @@ def _no_server() -> int:
     return 2
 
 
+def _print_verify(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(body))
+    else:
+        for p in body["problems"]:
+            print(f"  FAIL {p}")
+        print(body["summary"])
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _verify_remote(args)
     from .store import ATP
     from .verify import verify
 
@@ -238,24 +253,69 @@ def cmd_verify(args: argparse.Namespace) -> int:
             await core.aclose()
 
     rep = asyncio.run(run())
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": rep.ok,
-                    "positions": rep.positions,
-                    "reservations": rep.reservations,
-                    "movements": rep.movements,
-                    "problems": rep.problems,
-                    "uncovered": rep.uncovered,
-                }
-            )
-        )
-    else:
-        for p in rep.problems:
-            print(f"  FAIL {p}")
-        print(rep.summary())
+    _print_verify(
+        {
+            "ok": rep.ok,
+            "positions": rep.positions,
+            "reservations": rep.reservations,
+            "movements": rep.movements,
+            "problems": rep.problems,
+            "uncovered": rep.uncovered,
+            "summary": rep.summary(),
+        },
+        args.json,
+    )
     return 0 if rep.ok else 1
+
+
+def _verify_remote(args: argparse.Namespace) -> int:
+    """``atp verify --url``: ``GET /v1/verify`` on a running server, with the standard
+    library's client (httpx is only a test dependency). Exit 2 when the server cannot be
+    reached or refuses the key; the key itself is never printed."""
+    import http.client
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    key = args.key or os.environ.get("ATP_ADMIN_KEY")
+    if not key:
+        print("atp: --url needs an admin key: --key KEY or ATP_ADMIN_KEY", file=sys.stderr)
+        return 2
+    base = args.url.rstrip("/")
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        print(f"atp: --url takes an http:// or https:// URL, got {args.url!r}", file=sys.stderr)
+        return 2
+    endpoint = base if base.endswith("/v1/verify") else f"{base}/v1/verify"
+    query = urllib.parse.urlencode({"allow_uncovered": str(args.allow_uncovered).lower()})
+    req = urllib.request.Request(
+        f"{endpoint}?{query}",
+        headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail") or e.reason
+        except (ValueError, AttributeError, OSError):
+            detail = e.reason
+        what = "refused the key" if e.code in (401, 403) else "failed"
+        print(f"atp: {endpoint} {what} (HTTP {e.code}): {detail}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        print(f"atp: cannot reach {endpoint}: {reason}", file=sys.stderr)
+        return 2
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        print(f"atp: {endpoint} did not answer with JSON", file=sys.stderr)
+        return 2
+    if not (isinstance(body, dict) and {"ok", "problems", "summary"} <= body.keys()):
+        print(f"atp: {endpoint} did not answer with a verify report", file=sys.stderr)
+        return 2
+    _print_verify(body, args.json)
+    return 0 if body["ok"] is True else 1
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
@@ -654,6 +714,24 @@ def main(argv: list[str] | None = None) -> int:
         help="report, don't fail, positions left uncovered by short picks or counts",
     )
     v.add_argument("--json", action="store_true")
+    v.add_argument(
+        "--url",
+        metavar="URL",
+        help="check through a running server's GET /v1/verify (http://host:port) instead of "
+        "reaching Redis; needs an admin key",
+    )
+    v.add_argument(
+        "--key",
+        metavar="KEY",
+        help="the admin key for --url (default: ATP_ADMIN_KEY)",
+    )
+    v.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long --url waits for the report (default 600)",
+    )
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("reap", help="reclaim expired holds once")
     r.set_defaults(func=cmd_reap)

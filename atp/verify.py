@@ -16,11 +16,15 @@ deployment (SCAN, so it never blocks the server) and checks:
 * every index entry points at parts that exist, and every part at its index entry;
 * each bucket's unit totals (committed, held) equal its reservations' open units.
 
-It is what the tests, ``atp verify`` and the load tests use to prove the book balances.
+It is what the tests, ``atp verify`` (and ``GET /v1/verify``) and the load tests use to
+prove the book balances. Served, it shares the event loop with the other requests: every
+Redis call yields it, and the loops over what was read give it back every
+:data:`_YIELD_EVERY` items, so a big book slows the check, not the other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +33,8 @@ from typing import Any
 from .store import ATP
 
 __all__ = ["VerifyReport", "verify"]
+
+_YIELD_EVERY = 2000  # items of pure-Python work between yields to the event loop (~1 ms)
 
 
 @dataclass
@@ -112,7 +118,9 @@ async def verify(
             index[rid] = {p["b"] for p in json.loads(raw)["parts"]}
             if ks.bucket(rid) != b:
                 problem(f"index entry {rid} is in bucket {b}, not its home")
-    for rid, buckets in index.items():
+    for i, (rid, buckets) in enumerate(index.items()):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         if parts_seen.get(rid, set()) != buckets:
             problem(
                 f"{rid}: index names parts {sorted(buckets)}, "
@@ -159,7 +167,9 @@ async def verify(
             )
         if check_log:
             await _check_log(atp, sku, loc, oh, cm, rep, problem)
-    for (sku, loc), o in open_pos.items():
+    for i, ((sku, loc), o) in enumerate(open_pos.items()):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         if o and (sku, loc) not in seen_pos:
             problem(f"{sku}@{loc}: reservations hold {o} units of a position that does not exist")
     seen_sku: set[str] = set()
@@ -174,7 +184,9 @@ async def verify(
                 f"{sku}: SKU totals {[(k, got.get(k, 0)) for k in bad[:5]]} but its "
                 f"reservations hold {[(k, held.get(k, 0)) for k in bad[:5]]} (I2)"
             )
-    for sku, tot in sku_tot.items():
+    for i, (sku, tot) in enumerate(sku_tot.items()):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         if sku not in seen_sku and any(tot.values()):
             problem(f"{sku}: reservations hold units but the SKU has no totals (I2)")
     return rep

@@ -387,3 +387,91 @@ async def test_rules_find_the_embedded_server_as_verify_does(
     assert (await atp.rules(max_age=0)).version == 1
     out = await cli("rules", "show", env=env)
     assert yaml.safe_load(out.stdout) == RULES_DOC
+
+
+# -- atp verify --url ---------------------------------------------------------------------
+
+SERVED_KEY = "atp_verify_url_0123456789abcdefXYZ"
+
+
+@pytest.fixture
+def served_api(server: EmbeddedServer, tmp_path: Path) -> Iterator[str]:
+    """``atp serve --no-worker`` on the session server, with the ``atp`` fixture's prefix
+    and buckets (the test writes the book through that core); yields the base URL."""
+    port = free_port()
+    env = _env(
+        tmp_path,
+        ATP_REDIS_URL=server.url,
+        ATP_KEY_PREFIX="t:",
+        ATP_BUCKETS="16",
+        ATP_ADMIN_KEY=SERVED_KEY,
+    )
+    cmd = [sys.executable, "-m", "atp", "serve", "--no-worker", "--port", str(port)]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [*cmd, "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _port_open(port):
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        assert _port_open(port), "atp serve did not listen"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+async def test_verify_url_passes_then_fails_on_a_broken_book(
+    cli: Cli, atp: ATP, served_api: str, tmp_path: Path
+) -> None:
+    await atp.set_position("SKU-1", "DC1", 10, reason="initial load")
+    await atp.reserve("r-1", "web", [("SKU-1", "DC1", 3)])
+    # the key from the environment, as the locustfiles pass it
+    with_key = _env(tmp_path, ATP_ADMIN_KEY=SERVED_KEY)
+    out = await cli("verify", "--url", served_api, env=with_key)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines() == [
+        "OK: 1 positions, 1 reservation parts, 2 movements checked; 0 uncovered positions"
+    ]
+    # the same report as the direct mode reads from Redis
+    direct = await cli("verify", "--json")
+    remote = await cli("verify", "--url", served_api + "/", "--key", SERVED_KEY, "--json")
+    assert remote.returncode == direct.returncode == 0
+    assert json.loads(remote.stdout) == json.loads(direct.stdout)
+    # a unit committed behind the scripts' back
+    await atp.redis.hincrby(atp.keys.position("SKU-1", "DC1").pos, "committed", 1)
+    out = await cli("verify", "--url", served_api, env=with_key)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.rstrip().splitlines()
+    assert "  FAIL SKU-1@DC1: committed 4 but live reservations hold 3 (I2)" in lines
+    assert lines[-1].startswith("FAILED (")
+    assert all(ln.startswith("  FAIL ") for ln in lines[:-1])
+    body = json.loads((await cli("verify", "--url", served_api, "--json", env=with_key)).stdout)
+    assert body["ok"] is False and body["problems"] == [ln[7:] for ln in lines[:-1]]
+    assert SERVED_KEY not in out.stdout + out.stderr
+
+
+async def test_verify_url_exits_2_on_auth_and_connection_errors(
+    cli: Cli, served_api: str, tmp_path: Path
+) -> None:
+    wrong = "atp_not_the_key_0123456789abcdef"
+    out = await cli("verify", "--url", served_api, "--key", wrong)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "refused the key (HTTP 401)" in out.stderr and wrong not in out.stderr
+    # no key at all
+    out = await cli("verify", "--url", served_api, env=_env(tmp_path))
+    assert out.returncode == 2 and "ATP_ADMIN_KEY" in out.stderr
+    # nothing listening
+    out = await cli("verify", "--url", f"http://127.0.0.1:{free_port()}", "--key", SERVED_KEY)
+    assert out.returncode == 2 and "cannot reach" in out.stderr
+    assert SERVED_KEY not in out.stderr
+    out = await cli("verify", "--url", "127.0.0.1:8000", "--key", SERVED_KEY)
+    assert out.returncode == 2 and "http://" in out.stderr

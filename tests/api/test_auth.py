@@ -93,6 +93,7 @@ OPS = [
         "/v1/availability/explain",
         params={"sku": "SKU-1", "location": "DC1", "channel": "web"},
     ),
+    Op("verify", "GET", "/v1/verify"),
 ]
 
 # what each role gets on each operation: OK (the operation's success status) or (status, type)
@@ -143,6 +144,13 @@ EXPECT: dict[str, dict[str, Any]] = {
     "get_rules": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
     # as availability: the read scope, or the channel's own reserve scope
     "explain_web": {"admin": OK, "read": OK, "web": OK, "mkt": FORBIDDEN, "fulfil": FORBIDDEN},
+    "verify": {
+        "admin": OK,
+        "read": FORBIDDEN,
+        "fulfil": FORBIDDEN,
+        "web": FORBIDDEN,
+        "mkt": FORBIDDEN,
+    },
 }
 CASES = [(op, role) for op in OPS for role in EXPECT[op.name]]
 
@@ -199,6 +207,7 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         # scopes of these in tests/api/test_counts.py (reading one needs a queued batch)
         ("POST", "/v1/counts"),
         ("GET", "/v1/counts/{batch_id}"),
+        ("GET", "/v1/verify"),
     }
     assert protected == templated
 
