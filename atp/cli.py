@@ -44,11 +44,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .embedded import EmbeddedServer
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .store import ATP
+
+T = TypeVar("T")
 
 __all__ = ["main"]
 
@@ -225,6 +231,26 @@ def _no_server() -> int:
     return 2
 
 
+class _NoServer(Exception):
+    """Neither ATP_REDIS_URL nor a running `atp serve` to reach (main() says so, exit 2)."""
+
+
+def _on_core(work: Callable[[ATP], Awaitable[T]]) -> T:
+    """Run ``work`` with a started core on the server the commands use (``resolve_url``)."""
+    from .store import ATP
+
+    settings = Settings()
+    url = resolve_url(settings)
+    if url is None:
+        raise _NoServer
+
+    async def run() -> T:
+        async with ATP.from_url(url, settings) as core:
+            return await work(core)
+
+    return asyncio.run(run())
+
+
 def _print_verify(body: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(body))
@@ -237,22 +263,9 @@ def _print_verify(body: dict[str, Any], as_json: bool) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.url is not None:
         return _verify_remote(args)
-    from .store import ATP
     from .verify import verify
 
-    settings = Settings()
-    url = resolve_url(settings)
-    if url is None:
-        return _no_server()
-
-    async def run() -> Any:
-        core = ATP.from_url(url, settings)
-        try:
-            return await verify(core, allow_uncovered=args.allow_uncovered)
-        finally:
-            await core.aclose()
-
-    rep = asyncio.run(run())
+    rep = _on_core(lambda core: verify(core, allow_uncovered=args.allow_uncovered))
     _print_verify(
         {
             "ok": rep.ok,
@@ -319,20 +332,8 @@ def _verify_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    from .store import ATP
-
-    settings = Settings()
-    url = resolve_url(settings)
-    if url is None:
-        return _no_server()
-
-    async def run() -> tuple[int, int]:
-        async with ATP.from_url(url, settings) as core:
-            res = await core.expire_holds()
-            return len(res.expired), res.units
-
-    n, units = asyncio.run(run())
-    print(f"reclaimed {n} expired holds, {units} units")
+    res = _on_core(lambda core: core.expire_holds())
+    print(f"reclaimed {len(res.expired)} expired holds, {res.units} units")
     return 0
 
 
@@ -604,7 +605,6 @@ def _cli_actor() -> str:
 def cmd_rules_apply(args: argparse.Namespace) -> int:
     from .errors import InvalidRules, RulesVersionConflict
     from .rules import parse_rules
-    from .store import ATP
 
     path = Path(args.file)
     try:
@@ -624,20 +624,12 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
             "nothing applied (--dry-run)"
         )
         return 0
-    settings = Settings()
-    url = resolve_url(settings)
-    if url is None:
-        return _no_server()
-
-    async def run() -> int:
-        async with ATP.from_url(url, settings) as core:
-            rules = await core.apply_rules(
+    try:
+        version = _on_core(
+            lambda core: core.apply_rules(
                 doc, expect_version=args.expect_version, actor=_cli_actor()
             )
-            return rules.version
-
-    try:
-        version = asyncio.run(run())
+        ).version
     except RulesVersionConflict as e:
         print(
             f"atp: {e.detail}, not {args.expect_version}; nothing applied (see `atp rules show`)",
@@ -652,20 +644,12 @@ def cmd_rules_show(args: argparse.Namespace) -> int:
     import yaml
 
     from .rules import Rules
-    from .store import ATP
 
-    settings = Settings()
-    url = resolve_url(settings)
-    if url is None:
-        return _no_server()
-
-    async def run() -> Rules | None:
-        async with ATP.from_url(url, settings) as core:
-            if args.version is None:
-                return await core.rules(max_age=0)
-            return await core.rules_version(args.version)
-
-    rules = asyncio.run(run())
+    rules: Rules | None = _on_core(
+        lambda core: (
+            core.rules(max_age=0) if args.version is None else core.rules_version(args.version)
+        )
+    )
     if rules is None:
         print(f"atp: rules version {args.version} is not kept", file=sys.stderr)
         return 1
@@ -838,7 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--json", action="store_true", help="JSON, with version and when applied")
     rs.set_defaults(func=cmd_rules_show)
     args = parser.parse_args(argv)
-    rc: int = args.func(args)
+    try:
+        rc: int = args.func(args)
+    except _NoServer:
+        return _no_server()
     return rc
 
 
