@@ -40,6 +40,8 @@ from typing import Any
 
 import gevent
 import requests
+from common import admin_request, verify
+from common import ok as _ok
 from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.runners import MasterRunner, WorkerRunner
@@ -85,20 +87,7 @@ SALE = Sale()
 
 
 def _admin(method: str, path: str, body: Any = None, **kw: Any) -> requests.Response:
-    return requests.request(
-        method,
-        SALE.host.rstrip("/") + path,
-        json=body,
-        headers={"Authorization": f"Bearer {SALE.admin_key}", **kw.pop("headers", {})},
-        timeout=30,
-        **kw,
-    )
-
-
-def _ok(resp: requests.Response, what: str) -> Any:
-    if resp.status_code >= 300:
-        raise RuntimeError(f"{what}: HTTP {resp.status_code} {resp.text[:300]}")
-    return resp.json()
+    return admin_request(SALE.host, SALE.admin_key, method, path, body, **kw)
 
 
 def _setup(environment: Any) -> None:
@@ -435,15 +424,12 @@ def check() -> dict[str, Any]:
             " but a reservation they took counts in the live units"
         )
 
-    resp = _admin("GET", "/v1/verify")
-    if resp.status_code == 404:
-        verify: Any = "not available (404): only the checks above"
-    else:
-        rep = _ok(resp, "GET /v1/verify")
-        verify = {k: rep.get(k) for k in ("ok", "summary", "problems")}
-        if not rep.get("ok"):
-            failures.append(f"GET /v1/verify failed: {rep.get('summary')} {rep.get('problems')}")
-    checked.append(f"GET /v1/verify: {verify if isinstance(verify, str) else verify['summary']}")
+    verified, failed = verify(_admin("GET", "/v1/verify"))
+    if failed:
+        failures.append(failed)
+    checked.append(
+        f"GET /v1/verify: {verified if isinstance(verified, str) else verified['summary']}"
+    )
     sold = sum(
         ln["shipped"] + (ln["open"] if r["status"] == "confirmed" else 0)
         for r in server.values()
@@ -462,7 +448,7 @@ def check() -> dict[str, Any]:
         "by_status": {st: statuses.count(st) for st in sorted(set(statuses))},
         "checked": checked,
         "failures": failures,
-        "verify": verify,
+        "verify": verified,
         "acks": [asdict(a) for a in acks] if os.environ.get("ATP_FLASH_REPORT_ACKS") else None,
     }
 
