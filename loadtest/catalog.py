@@ -33,7 +33,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -42,7 +41,7 @@ from typing import Any
 
 import gevent
 import requests
-from common import admin_request, ok, verify
+from common import admin_request, ok, run_setup, verify
 from gevent.pool import Pool
 from locust import FastHttpUser, between, events, task
 from locust.runners import MasterRunner, WorkerRunner
@@ -155,15 +154,7 @@ def _setup(environment: Any) -> None:
 
 @events.test_start.add_listener
 def on_test_start(environment: Any, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner):
-        return
-    try:
-        _setup(environment)
-    except Exception as e:
-        print(f"catalog setup FAILED: {e}", file=sys.stderr, flush=True)
-        environment.process_exit_code = 1
-        if environment.runner is not None:
-            environment.runner.quit()
+    run_setup(environment, "catalog", _setup)
 
 
 def _popular(k: int = 1) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -39,3 +41,19 @@ def verify(resp: requests.Response) -> tuple[Any, str | None]:
     if not rep.get("ok"):
         return out, f"GET /v1/verify failed: {rep.get('summary')} {rep.get('problems')}"
     return out, None
+
+
+def run_setup(environment: Any, name: str, setup: Callable[[Any], None]) -> None:
+    """Run a locustfile's set-up once, on the local or master runner (not on workers); a
+    failure is printed, sets the exit code and stops the run."""
+    from locust.runners import WorkerRunner
+
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    try:
+        setup(environment)
+    except Exception as e:
+        print(f"{name} setup FAILED: {e}", file=sys.stderr, flush=True)
+        environment.process_exit_code = 1
+        if environment.runner is not None:
+            environment.runner.quit()

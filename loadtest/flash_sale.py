@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 
 import gevent
 import requests
-from common import admin_request, verify
+from common import admin_request, run_setup, verify
 from common import ok as _ok
 from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, between, events, task
@@ -148,15 +147,7 @@ def _setup(environment: Any) -> None:
 
 @events.test_start.add_listener
 def on_test_start(environment: Any, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner):
-        return
-    try:
-        _setup(environment)
-    except Exception as e:
-        print(f"flash sale setup FAILED: {e}", file=sys.stderr, flush=True)
-        environment.process_exit_code = 1
-        if environment.runner is not None:
-            environment.runner.quit()
+    run_setup(environment, "flash sale", _setup)
 
 
 class Buyer(FastHttpUser):

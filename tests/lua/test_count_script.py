@@ -22,14 +22,6 @@ from atp.errors import AlreadyResolved, UnknownException
 from atp.models import CountResult, CountRow, ExceptionRecord, ms_to_dt
 from atp.verify import verify
 
-
-@pytest.fixture(params=["valkey", "fakeredis"])
-def core(request: pytest.FixtureRequest) -> ATP:
-    """The core on the real server, then on fakeredis (each test runs on both)."""
-    name = "atp" if request.param == "valkey" else "fake_atp"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 

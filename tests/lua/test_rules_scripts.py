@@ -26,13 +26,6 @@ HOLD_WAIT = 1.1  # seconds: a hold of 1 s has lapsed after this
 E = TypeVar("E", bound=ATPError)
 
 
-@pytest.fixture(params=["valkey", "fakeredis"])
-def core(request: pytest.FixtureRequest) -> ATP:
-    """The core on the real server, then on fakeredis (each test runs on both)."""
-    name = "atp" if request.param == "valkey" else "fake_atp"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 

@@ -40,13 +40,6 @@ from atp.verify import VerifyReport, verify
 HOLD_WAIT = 1.1  # seconds: a hold of 1 s has lapsed after this
 
 
-@pytest.fixture(params=["valkey", "fakeredis"])
-def core(request: pytest.FixtureRequest) -> ATP:
-    """The core on the real server, then on fakeredis (each test runs on both)."""
-    name = "atp" if request.param == "valkey" else "fake_atp"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 
