@@ -258,30 +258,67 @@ def _print_verify(body: dict[str, Any], as_json: bool) -> None:
         for p in body["problems"]:
             print(f"  FAIL {p}")
         print(body["summary"])
+        ack = body.get("acknowledged")
+        if ack is not None:
+            for p in ack["problems"]:
+                print(f"  FAIL {p}")
+            verdict = "OK" if not ack["problems"] else f"FAILED ({len(ack['problems'])} problems)"
+            print(f"{verdict}: {ack['checked']} acknowledged reservations checked")
+
+
+def _read_acks(path: str) -> list[dict[str, Any]]:
+    """``--acknowledged FILE``: JSON Lines of {"reservation_id", "qty"} (a load test's record)."""
+    acks = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+                acks.append(obj if isinstance(obj, dict) else {"line": n})
+    return acks
+
+
+def _with_acks(body: dict[str, Any], checked: int, problems: list[str]) -> int:
+    body["acknowledged"] = {"checked": checked, "problems": problems}
+    return 0 if body["ok"] is True and not problems else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    acks = None
+    if args.acknowledged is not None:
+        try:
+            acks = _read_acks(args.acknowledged)
+        except (OSError, ValueError) as e:
+            print(f"atp: --acknowledged: {e}", file=sys.stderr)
+            return 2
     if args.url is not None:
-        return _verify_remote(args)
-    from .verify import verify
+        return _verify_remote(args, acks)
+    from .verify import VerifyReport, check_acknowledged, verify
 
-    rep = _on_core(lambda core: verify(core, allow_uncovered=args.allow_uncovered))
-    _print_verify(
-        {
-            "ok": rep.ok,
-            "positions": rep.positions,
-            "reservations": rep.reservations,
-            "movements": rep.movements,
-            "problems": rep.problems,
-            "uncovered": rep.uncovered,
-            "summary": rep.summary(),
-        },
-        args.json,
-    )
-    return 0 if rep.ok else 1
+    async def run(core: ATP) -> tuple[VerifyReport, tuple[int, list[str]] | None]:
+        rep = await verify(core, allow_uncovered=args.allow_uncovered)
+        return rep, None if acks is None else await check_acknowledged(core, acks)
+
+    rep, checked = _on_core(run)
+    body = {
+        "ok": rep.ok,
+        "positions": rep.positions,
+        "reservations": rep.reservations,
+        "movements": rep.movements,
+        "problems": rep.problems,
+        "uncovered": rep.uncovered,
+        "summary": rep.summary(),
+    }
+    rc = 0 if rep.ok else 1
+    if checked is not None:
+        rc = _with_acks(body, *checked)
+    _print_verify(body, args.json)
+    return rc
 
 
-def _verify_remote(args: argparse.Namespace) -> int:
+def _verify_remote(args: argparse.Namespace, acks: list[dict[str, Any]] | None = None) -> int:
     """``atp verify --url``: ``GET /v1/verify`` on a running server, with the standard
     library's client (httpx is only a test dependency). Exit 2 when the server cannot be
     reached or refuses the key; the key itself is never printed."""
@@ -327,8 +364,53 @@ def _verify_remote(args: argparse.Namespace) -> int:
     if not (isinstance(body, dict) and {"ok", "problems", "summary"} <= body.keys()):
         print(f"atp: {endpoint} did not answer with a verify report", file=sys.stderr)
         return 2
+    rc = 0 if body["ok"] is True else 1
+    if acks is not None:
+        rc = _with_acks(body, *_acks_remote(base, key, acks, args.timeout))
     _print_verify(body, args.json)
-    return 0 if body["ok"] is True else 1
+    return rc
+
+
+def _acks_remote(
+    base: str, key: str, acks: list[dict[str, Any]], timeout: float
+) -> tuple[int, list[str]]:
+    """``check_acknowledged`` through ``GET /v1/reservations/{id}`` on a running server."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = base.removesuffix("/v1/verify")
+    want: dict[str, int] = {}
+    problems: list[str] = []
+    for n, a in enumerate(acks, start=1):
+        rid, qty = a.get("reservation_id"), a.get("qty")
+        if not isinstance(rid, str) or not isinstance(qty, int) or isinstance(qty, bool):
+            problems.append(f"acknowledgement {n}: needs reservation_id and a whole qty")
+            continue
+        if rid in want and want[rid] != qty:
+            problems.append(f"{rid}: acknowledged twice, with {want[rid]} and {qty} units")
+        want[rid] = qty
+
+    def one(item: tuple[str, int]) -> str | None:
+        rid, qty = item
+        url = f"{root}/v1/reservations/{urllib.parse.quote(rid, safe='')}"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                res = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return f"{rid}: acknowledged ({qty} units) but not in the book"
+            return f"{rid}: the server answered HTTP {e.code}"
+        except (OSError, ValueError) as e:
+            return f"{rid}: cannot read it: {e}"
+        held = sum(int(ln["qty"]) for ln in res.get("lines", []))
+        return None if held == qty else f"{rid}: acknowledged {qty} units, the book has {held}"
+
+    with ThreadPoolExecutor(16) as pool:
+        problems += [p for p in pool.map(one, want.items()) if p is not None]
+    return len(want), problems[:200]
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
@@ -703,6 +785,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="check through a running server's GET /v1/verify (http://host:port) instead of "
         "reaching Redis; needs an admin key",
+    )
+    v.add_argument(
+        "--acknowledged",
+        metavar="FILE",
+        help="also check a client's record (JSON Lines of reservation_id, qty): each "
+        "acknowledged reservation is in the book once, with that quantity",
     )
     v.add_argument(
         "--key",

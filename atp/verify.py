@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UnknownReservation
 from .store import ATP
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "check_acknowledged", "verify"]
 
 _YIELD_EVERY = 2000  # items of pure-Python work between yields to the event loop (~1 ms)
 
@@ -226,3 +228,43 @@ async def _check_log(
         problem(f"{sku}@{loc}: log ends at {prev}, position is {(oh, cm)} (I5)")
     if prev is None and (oh or cm):
         problem(f"{sku}@{loc}: position {(oh, cm)} has no movement log (I5)")
+
+
+async def check_acknowledged(
+    atp: ATP, acks: Iterable[Mapping[str, Any]], *, max_problems: int = 200
+) -> tuple[int, list[str]]:
+    """Check what clients were told against the book: every acknowledged reservation
+    (``{"reservation_id": …, "qty": …}``, qty the units over all its lines, as a load test
+    records them) is present, once, with that quantity. Returns how many were checked and
+    the problems found.
+    """
+    want: dict[str, int] = {}
+    problems: list[str] = []
+
+    def problem(msg: str) -> None:
+        if len(problems) < max_problems:
+            problems.append(msg)
+
+    for n, a in enumerate(acks, start=1):
+        rid, qty = a.get("reservation_id"), a.get("qty")
+        if not isinstance(rid, str) or not isinstance(qty, int) or isinstance(qty, bool):
+            problem(f"acknowledgement {n}: needs reservation_id and a whole qty, got {a!r:.80}")
+            continue
+        if rid in want and want[rid] != qty:
+            problem(f"{rid}: acknowledged twice, with {want[rid]} and {qty} units")
+        want[rid] = qty
+
+    async def one(rid: str, qty: int) -> None:
+        try:
+            res = await atp.reservation(rid)
+        except UnknownReservation:
+            problem(f"{rid}: acknowledged ({qty} units) but not in the book")
+            return
+        held = sum(ln.qty for ln in res.lines)
+        if held != qty:
+            problem(f"{rid}: acknowledged {qty} units, the book has {held}")
+
+    items = list(want.items())
+    for i in range(0, len(items), 256):  # auto-pipelined, a bounded number at a time
+        await asyncio.gather(*(one(rid, qty) for rid, qty in items[i : i + 256]))
+    return len(items), problems

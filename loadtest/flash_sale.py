@@ -21,7 +21,9 @@ share, every acknowledged reservation is present once with its quantity and a st
 agrees with what the buyer was told, the position's ``committed`` equals the live units of
 those reservations and is at most ``on_hand``, and ``GET /v1/verify`` passes (if the server
 has it). It prints what it checked and sets Locust's exit code to 1 on any failure.
-``ATP_FLASH_REPORT=path`` also writes the result as JSON.
+``ATP_FLASH_REPORT=path`` also writes the result as JSON, and ``ATP_FLASH_ACKS=path`` the
+record of acknowledged reservations as JSON Lines (``reservation_id``, ``qty``), which
+``atp verify --acknowledged path`` (or with ``--url``) checks against the book again.
 
 The record lives in this process: run it with the local runner (``--headless`` or the web
 UI), not distributed over workers.
@@ -469,5 +471,9 @@ def on_test_stop(environment: Any, **_: Any) -> None:
     if path := os.environ.get("ATP_FLASH_REPORT"):
         with open(path, "w") as f:
             json.dump(report, f, indent=2, default=str)
+    if path := os.environ.get("ATP_FLASH_ACKS"):
+        with open(path, "w") as f:
+            for a in SALE.acks.values():
+                f.write(json.dumps({"reservation_id": a.rid, "qty": a.qty}) + "\n")
     if not report["ok"]:
         environment.process_exit_code = 1

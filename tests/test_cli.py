@@ -475,3 +475,36 @@ async def test_verify_url_exits_2_on_auth_and_connection_errors(
     assert SERVED_KEY not in out.stderr
     out = await cli("verify", "--url", "127.0.0.1:8000", "--key", SERVED_KEY)
     assert out.returncode == 2 and "http://" in out.stderr
+
+
+async def test_verify_checks_a_clients_record_of_acknowledged_reservations(
+    cli: Cli, atp: ATP, served_api: str, tmp_path: Path
+) -> None:
+    await atp.set_position("SKU-1", "DC1", 10, reason="initial load")
+    await atp.reserve("r-1", "web", [("SKU-1", "DC1", 3)])
+    await atp.reserve("r-2", "web", [("SKU-1", "DC1", 2)])
+    good = tmp_path / "acks.jsonl"
+    good.write_text('{"reservation_id": "r-1", "qty": 3}\n{"reservation_id": "r-2", "qty": 2}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"reservation_id": "r-1", "qty": 3}\n{"reservation_id": "r-2", "qty": 1}\n'
+        '{"reservation_id": "r-9", "qty": 1}\n'
+    )
+    with_key = _env(tmp_path, ATP_ADMIN_KEY=SERVED_KEY)
+    for remote in ([], ["--url", served_api]):
+        env = with_key if remote else None  # direct: the session server, as set up
+        out = await cli("verify", *remote, "--acknowledged", str(good), env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "OK: 2 acknowledged reservations checked"
+        out = await cli("verify", *remote, "--acknowledged", str(bad), env=env)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "  FAIL r-2: acknowledged 1 units, the book has 2" in out.stdout
+        assert "  FAIL r-9: acknowledged (1 units) but not in the book" in out.stdout
+        body = json.loads(
+            (await cli("verify", *remote, "--acknowledged", str(bad), "--json", env=env)).stdout
+        )
+        assert body["ok"] is True and body["acknowledged"]["checked"] == 3
+        assert len(body["acknowledged"]["problems"]) == 2
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    out = await cli("verify", "--acknowledged", str(tmp_path / "broken.jsonl"))
+    assert out.returncode == 2 and "not JSON" in out.stderr

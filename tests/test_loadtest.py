@@ -82,7 +82,12 @@ def _flash_sale(url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[s
     cmd = [LOCUST, "-f", str(LOCUSTFILE), "--headless", "-u", "200", "-r", "100", "-t", "15s"]
     out = subprocess.run(
         [*cmd, "--host", url, "--only-summary"],
-        env=_env(tmp_path, ATP_FLASH_UNITS=str(UNITS), ATP_FLASH_REPORT=str(report)),
+        env=_env(
+            tmp_path,
+            ATP_FLASH_UNITS=str(UNITS),
+            ATP_FLASH_REPORT=str(report),
+            ATP_FLASH_ACKS=str(tmp_path / "acks.jsonl"),
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -113,6 +118,16 @@ def test_flash_sale_sells_exactly_the_units_none_twice(tmp_path: Path) -> None:
         pos = _get(url, f"/v1/positions/{report['sku']}/WH1")
         assert pos["on_hand"] == pos["committed"] == UNITS and pos["available"] == 0
         assert report["verify"]["ok"] is True, report["verify"]
+        # the record checked again by the verifier, through the server
+        acks = tmp_path / "acks.jsonl"
+        again = subprocess.run(
+            [sys.executable, "-m", "atp", "verify", "--url", url, "--key", KEY,
+             "--acknowledged", str(acks)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        n = len(acks.read_text().splitlines())
+        assert again.stdout.strip().splitlines()[-1] == f"OK: {n} acknowledged reservations checked"
         assert report["by_status"].get("confirmed", 0) >= UNITS // 2
         assert report["position"]["committed_by_channel"].get("market", 0) <= UNITS - UNITS // 5
 
