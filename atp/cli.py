@@ -52,6 +52,7 @@ from .embedded import EmbeddedServer
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .sources import RowSource
     from .store import ATP
 
 T = TypeVar("T")
@@ -460,30 +461,14 @@ def _grace_seconds(text: str) -> int:
 def cmd_reconcile_orders(args: argparse.Namespace) -> int:
     from .book import reconcile_orders
     from .errors import InvalidRequest
-    from .sources import open_source
     from .store import ATP
 
-    columns: dict[str, str] = {}
-    for spec in args.column or []:
-        ours, sep, theirs = spec.partition("=")
-        if not (sep and ours.strip() and theirs.strip()):
-            print(f"atp: --column takes OURS=THEIRS, got {spec!r}", file=sys.stderr)
-            return 2
-        columns[ours.strip()] = theirs.strip()
     settings = Settings()
     url = resolve_url(settings)
     if url is None:
         return _no_server()
-    try:
-        src = open_source(
-            args.source,
-            query=args.query,
-            table=args.table,
-            columns=columns or None,
-            fmt=args.format,
-        )
-    except InvalidRequest as e:
-        print(f"atp: {e.detail}", file=sys.stderr)
+    src = _open_cli_source(args)
+    if src is None:
         return 2
 
     def progress(msg: str) -> None:
@@ -529,6 +514,44 @@ def _units(text: str) -> int:
     return int(text)
 
 
+def _open_cli_source(args: argparse.Namespace) -> RowSource | None:
+    """The source a reconcile command names (file or database, ``--query``/``--table``,
+    ``--column`` renamings, ``--format``); None after saying why it cannot be opened."""
+    from .errors import InvalidRequest
+    from .reconcile import parse_columns
+    from .sources import open_source
+
+    try:
+        columns = parse_columns(args.column or [])
+    except ValueError as e:
+        print(f"atp: --column: {e}", file=sys.stderr)
+        return None
+    try:
+        return open_source(
+            args.source, query=args.query, table=args.table, columns=columns or None,
+            fmt=args.format,
+        )  # fmt: skip
+    except InvalidRequest as e:
+        print(f"atp: {e.detail}", file=sys.stderr)
+        return None
+
+
+def _add_source_args(p: argparse.ArgumentParser, rows: str, column_example: str) -> None:
+    """The options of a command that reads a source from the system of record."""
+    sql = p.add_mutually_exclusive_group()
+    sql.add_argument("--query", help=f"SQL returning the {rows} (database source)")
+    sql.add_argument("--table", help="read every row of this table (database source)")
+    p.add_argument(
+        "--column",
+        action="append",
+        metavar="OURS=THEIRS",
+        help=f"read the source's column THEIRS as OURS (repeatable): --column {column_example}",
+    )
+    p.add_argument("--format", choices=["csv", "jsonl"], help="file format (default: extension)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     import redis
     from tqdm import tqdm
@@ -538,29 +561,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         DEFAULT_CHUNK,
         CountReport,
         default_count_id,
-        parse_columns,
         reconcile,
         write_report,
     )
-    from .sources import open_source
     from .store import ATP
 
-    try:
-        columns = parse_columns(args.column or [])
-    except ValueError as e:
-        print(f"atp: --column: {e}", file=sys.stderr)
-        return 2
     settings = Settings()
     url = resolve_url(settings)
     if url is None:
         return _no_server()
-    try:
-        src = open_source(
-            args.source, query=args.query, table=args.table, columns=columns or None,
-            fmt=args.format,
-        )  # fmt: skip
-    except InvalidRequest as e:
-        print(f"atp: {e.detail}", file=sys.stderr)
+    src = _open_cli_source(args)
+    if src is None:
         return 2
     # a table's name (schema.table) has no extension to drop, a file's has
     count_id = args.count_id or default_count_id(
@@ -830,18 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="a reservation younger than this is not a ghost (default 900)",
     )
-    ro_sql = ro.add_mutually_exclusive_group()
-    ro_sql.add_argument("--query", help="SQL returning the order lines (database source)")
-    ro_sql.add_argument("--table", help="read every row of this table (database source)")
-    ro.add_argument(
-        "--column",
-        action="append",
-        metavar="OURS=THEIRS",
-        help="read the source's column THEIRS as OURS (repeatable): --column sku=item_no",
-    )
-    ro.add_argument("--format", choices=["csv", "jsonl"], help="file format (default: extension)")
-    ro.add_argument("--json", action="store_true", help="print the report as JSON")
-    ro.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+    _add_source_args(ro, "order lines", "sku=item_no")
     ro.set_defaults(func=cmd_reconcile_orders)
     rc_ = sub.add_parser(
         "reconcile",
@@ -873,18 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     rc_.add_argument(
         "--assume-utc", action="store_true", help="read a counted_at without a time zone as UTC"
     )
-    rc_sql = rc_.add_mutually_exclusive_group()
-    rc_sql.add_argument("--query", help="SQL returning the count rows (database source)")
-    rc_sql.add_argument("--table", help="read every row of this table (database source)")
-    rc_.add_argument(
-        "--column",
-        action="append",
-        metavar="OURS=THEIRS",
-        help="read the source's column THEIRS as OURS (repeatable): --column counted_qty=qty",
-    )
-    rc_.add_argument("--format", choices=["csv", "jsonl"], help="file format (default: extension)")
-    rc_.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
-    rc_.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_source_args(rc_, "count rows", "counted_qty=qty")
     rc_.add_argument(
         "--chunk",
         type=_chunk,

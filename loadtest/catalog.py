@@ -41,10 +41,9 @@ from typing import Any
 
 import gevent
 import requests
-from common import admin_request, ok, run_setup, verify
+from common import admin_request, ok, run_check, run_setup, verify
 from gevent.pool import Pool
 from locust import FastHttpUser, between, events, task
-from locust.runners import MasterRunner, WorkerRunner
 
 LOCATION = "WH1"
 CHANNEL = "web"
@@ -377,23 +376,8 @@ def check() -> dict[str, Any]:
 
 @events.test_stop.add_listener
 def on_test_stop(environment: Any, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner) or not CAT.ready:
+    if not CAT.ready:
         return
-    if isinstance(environment.runner, MasterRunner):
-        print("catalog: distributed run; the record lives in the workers: not checked")
-        environment.process_exit_code = 1
-        return
-    try:
-        report = check()
-    except Exception as e:
-        report = {"ok": False, "failures": [f"the check itself failed: {e!r}"], "checked": []}
-    print("\ncatalog check:", flush=True)
-    for line in report["checked"]:
-        print(f"  checked: {line}")
-    for line in report["failures"][:50]:
-        print(f"  FAILED: {line}")
-    if len(report["failures"]) > 50:
-        print(f"  … and {len(report['failures']) - 50} more failures")
-    print(f"catalog: {'PASSED' if report['ok'] else 'FAILED'}", flush=True)
-    if not report["ok"]:
-        environment.process_exit_code = 1
+    report = run_check(environment, "catalog", check)
+    if report is not None:
+        print(f"catalog: {'PASSED' if report['ok'] else 'FAILED'}", flush=True)

@@ -57,3 +57,33 @@ def run_setup(environment: Any, name: str, setup: Callable[[Any], None]) -> None
         environment.process_exit_code = 1
         if environment.runner is not None:
             environment.runner.quit()
+
+
+def run_check(
+    environment: Any, name: str, check: Callable[[], dict[str, Any]], shown: int = 50
+) -> dict[str, Any] | None:
+    """Run a locustfile's end-of-test check on the local runner, print what it checked and
+    what failed, and set the exit code; None on a worker or when the record is elsewhere
+    (a distributed run keeps its record in the workers: not checkable here)."""
+    from locust.runners import MasterRunner, WorkerRunner
+
+    if isinstance(environment.runner, WorkerRunner):
+        return None
+    if isinstance(environment.runner, MasterRunner):
+        print(f"{name}: distributed run; the record lives in the workers: not checked")
+        environment.process_exit_code = 1
+        return None
+    try:
+        report = check()
+    except Exception as e:
+        report = {"ok": False, "failures": [f"the check itself failed: {e!r}"], "checked": []}
+    print(f"\n{name} check:", flush=True)
+    for line in report["checked"]:
+        print(f"  checked: {line}")
+    for line in report["failures"][:shown]:
+        print(f"  FAILED: {line}")
+    if len(report["failures"]) > shown:
+        print(f"  … and {len(report['failures']) - shown} more failures")
+    if not report["ok"]:
+        environment.process_exit_code = 1
+    return report

@@ -36,16 +36,15 @@ import os
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 import requests
-from common import admin_request, run_setup, verify
+from common import admin_request, run_check, run_setup, verify
 from common import ok as _ok
 from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, between, events, task
-from locust.runners import MasterRunner, WorkerRunner
 
 LOCATION = "WH1"
 EXPIRING_HOLD = (1, 2)  # seconds: the holds buyers walk away from
@@ -442,27 +441,16 @@ def check() -> dict[str, Any]:
         "checked": checked,
         "failures": failures,
         "verify": verified,
-        "acks": [asdict(a) for a in acks] if os.environ.get("ATP_FLASH_REPORT_ACKS") else None,
     }
 
 
 @events.test_stop.add_listener
 def on_test_stop(environment: Any, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner) or not SALE.ready:
+    if not SALE.ready:
         return
-    if isinstance(environment.runner, MasterRunner):
-        print("flash sale: distributed run; the record lives in the workers: not checked")
-        environment.process_exit_code = 1
+    report = run_check(environment, "flash sale", check, shown=10**6)
+    if report is None:
         return
-    try:
-        report = check()
-    except Exception as e:
-        report = {"ok": False, "failures": [f"the check itself failed: {e!r}"], "checked": []}
-    print("\nflash sale check:", flush=True)
-    for line in report["checked"]:
-        print(f"  checked: {line}")
-    for line in report["failures"]:
-        print(f"  FAILED: {line}")
     print(
         f"flash sale: {'PASSED' if report['ok'] else 'FAILED'}, "
         f"sold {report.get('sold')} of {report.get('units')}",
@@ -475,5 +463,3 @@ def on_test_stop(environment: Any, **_: Any) -> None:
         with open(path, "w") as f:
             for a in SALE.acks.values():
                 f.write(json.dumps({"reservation_id": a.rid, "qty": a.qty}) + "\n")
-    if not report["ok"]:
-        environment.process_exit_code = 1

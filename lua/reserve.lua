@@ -105,6 +105,16 @@ for pi in ipairs(req.parts) do
   local have = bucket_rules_version(pk[pi].stats)
   if have ~= req.rv then return refuse('rules_stale', 'the rules changed', { have = have }) end
 end
+-- a buyer limit needs the buyer (checked under the version just confirmed, before any write)
+if req.cu == nil then
+  for _, p in ipairs(req.parts) do
+    for _, l in ipairs(p.lines) do
+      if l.bl ~= nil then
+        return refuse('customer_required', l.sku .. ' has a buyer limit; the reservation needs a customer_id', { sku = l.sku })
+      end
+    end
+  end
+end
 
 -- idempotency (I3): the same id returns the original outcome, another request conflicts
 local prior = nil
@@ -149,9 +159,6 @@ for pi, p in ipairs(req.parts) do
       cap_left[l.sku] = l.cap - tonumber(redis.call('HGET', agg, 'ch:' .. req.ch) or '0')
     end
     if l.bl ~= nil and buyer[l.sku] == nil then
-      if req.cu == nil then
-        return refuse('customer_required', l.sku .. ' has a buyer limit; the reservation needs a customer_id', { sku = l.sku })
-      end
       buyer[l.sku] = { limit = l.bl, held = tonumber(redis.call('HGET', agg, 'cu:' .. req.cu) or '0') }
     end
   end
