@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from atp import Availability, Movement, Position, Reservation
-from atp.models import Explanation
+from atp import (
+    Availability,
+    Explanation,
+    Inbound,
+    InboundResult,
+    Movement,
+    Position,
+    Promise,
+    Reservation,
+)
 
 
 def position(p: Position) -> dict[str, Any]:
@@ -17,6 +25,44 @@ def position(p: Position) -> dict[str, Any]:
         "safety_stock": p.safety_stock,
         "available": p.available,
         "committed_by_channel": p.committed_by_channel,
+        "in_transit": p.in_transit,
+        "committed_dated": p.committed_dated,
+    }
+
+
+def inbound(i: Inbound) -> dict[str, Any]:
+    return {
+        "sku": i.sku,
+        "location": i.location,
+        "reference": i.reference,
+        "qty": i.qty,
+        "ordered": i.ordered,
+        "received": i.received,
+        "expected_at": i.expected_at.isoformat(),
+        "expected_date": i.expected_date.isoformat(),
+        "created_at": i.created_at.isoformat(),
+        "updated_at": i.updated_at.isoformat(),
+    }
+
+
+def inbound_result(r: InboundResult) -> dict[str, Any]:
+    return {
+        "position": position(r.position),
+        "inbound": inbound(r.inbound) if r.inbound else None,
+        "replayed": r.replayed,
+        "exception_id": r.exception_id,
+    }
+
+
+def promise(p: Promise) -> dict[str, Any]:
+    return {
+        "sku": p.sku,
+        "location": p.location,
+        "channel": p.channel,
+        "qty": p.qty,
+        "promise_date": p.promise_date.isoformat() if p.promise_date else None,
+        "available_now": p.available_now,
+        "blocked_by": p.blocked_by,
     }
 
 
@@ -87,4 +133,13 @@ def explanation(e: Explanation) -> dict[str, Any]:
             for h in e.holds_expiring
         ],
         "at": e.at.isoformat(),
+        "in_transit": e.in_transit,
+        "committed_dated": e.committed_dated,
+        "requested_date": e.requested_date.isoformat() if e.requested_date else None,
+        "schedule": [
+            {"date": d.date.isoformat(), "inbound": d.inbound, "dated": d.dated, "atp": d.atp}
+            for d in e.schedule
+        ],
+        "promise_date": e.promise_date.isoformat() if e.promise_date else None,
+        "promise_blocked_by": e.promise_blocked_by,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -60,9 +61,24 @@ class AdjustBody(Strict):
     reference: Annotated[str, Field(max_length=200)] = ""
 
 
+# JSON carries dates as text: parsed (ISO 8601) even in strict bodies
+Day = Annotated[date, Field(strict=False, examples=["2026-12-24"])]
+When = Annotated[
+    Annotated[date, Field(strict=False)] | Annotated[datetime, Field(strict=False)],
+    Field(
+        description="a date (YYYY-MM-DD, midnight UTC) or a date-time with a time zone",
+        examples=["2026-12-24", "2026-12-24T09:00:00Z"],
+    ),
+]
+
+
 class ReceiveBody(Strict):
     qty: Annotated[int, Field(ge=1, le=10**13), Whole]
     reference: Reason
+    close: bool = Field(
+        default=False,
+        description="the expected receipt under this reference closes: the rest will not come",
+    )
 
 
 class PositionOut(BaseModel):
@@ -73,6 +89,64 @@ class PositionOut(BaseModel):
     safety_stock: int
     available: int
     committed_by_channel: dict[str, int]
+    in_transit: int = Field(description="units of open expected receipts, not yet on hand")
+    committed_dated: int = Field(description="the part of committed promised for a date")
+
+
+class InboundBody(Strict):
+    reference: Reason
+    qty: Annotated[int, Field(ge=1, le=10**13), Whole]
+    expected_at: When
+
+
+class InboundAmend(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["qty"]}, {"required": ["expected_at"]}]}
+    )
+    qty: (
+        Annotated[int, Field(ge=1, le=10**13, description="units still expected"), Whole] | None
+    ) = None
+    expected_at: When | None = None
+
+
+class InboundOut(BaseModel):
+    sku: str
+    location: str
+    reference: str
+    qty: int = Field(description="units still expected")
+    ordered: int
+    received: int
+    expected_at: str
+    expected_date: str = Field(description="the UTC day its units count as supply from")
+    created_at: str
+    updated_at: str
+
+
+class InboundResultOut(BaseModel):
+    position: PositionOut
+    inbound: InboundOut | None = Field(
+        description="the expected receipt after the call; null once closed"
+    )
+    replayed: bool
+    exception_id: str | None = Field(
+        description="the oversell exception raised when dated promises lost their cover"
+    )
+
+
+class InboundPage(BaseModel):
+    items: list[InboundOut]
+
+
+class PromiseOut(BaseModel):
+    sku: str
+    location: str
+    channel: str
+    qty: int
+    promise_date: str | None = Field(
+        description="the earliest date (UTC) a reservation of qty would be accepted; null: none"
+    )
+    available_now: int
+    blocked_by: Literal["cap", "buyer_limit"] | None
 
 
 class MovementOut(BaseModel):
@@ -106,6 +180,13 @@ class AvailabilityItem(BaseModel):
 
 class AvailabilityOut(BaseModel):
     items: list[AvailabilityItem]
+
+
+class ScheduleDayOut(BaseModel):
+    date: str
+    inbound: int
+    dated: int
+    atp: int
 
 
 class HoldSoonOut(BaseModel):
@@ -147,6 +228,14 @@ class ExplanationOut(BaseModel):
     holds_expiring_count: int
     holds_expiring: list[HoldSoonOut]
     at: str
+    in_transit: int
+    committed_dated: int
+    requested_date: str | None
+    schedule: list[ScheduleDayOut] = Field(
+        description="per day with inbound due or dated promises: what a reservation for it gets"
+    )
+    promise_date: str | None
+    promise_blocked_by: str | None
 
 
 class LineIn(Strict):
@@ -173,6 +262,11 @@ class ReserveBody(Strict):
         default=None,
         description="may a routed line be split over locations; null: the channel's rule",
     )
+    requested_date: Day | None = Field(
+        default=None,
+        description="the date the units are wanted (UTC; time-phased: may count inbound due "
+        "by then); null: now, from the shelf",
+    )
 
 
 class ReservationLineOut(BaseModel):
@@ -195,6 +289,7 @@ class ReservationOut(BaseModel):
     updated_at: str
     customer_id: str | None
     rules_version: int = Field(description="the allocation rules version that decided it")
+    requested_date: str | None = None
 
 
 class ReleaseBody(Strict):

@@ -1,6 +1,7 @@
 """ATP core: available-to-promise positions and reservations in Redis, changed only by
 atomic Lua scripts."""
 
+from ._supply import InboundResult
 from .embedded import EmbeddedServer, find_server_binary
 from .errors import (
     AlreadyFulfilled,
@@ -11,6 +12,7 @@ from .errors import (
     CustomerRequired,
     HoldExpired,
     IdempotencyConflict,
+    InboundExists,
     InsufficientStock,
     InvalidRequest,
     InvalidRules,
@@ -23,6 +25,7 @@ from .errors import (
     Refused,
     RulesStale,
     RulesVersionConflict,
+    UnknownInbound,
     UnknownLine,
     UnknownPosition,
     UnknownReservation,
@@ -34,11 +37,14 @@ from .models import (
     Explanation,
     FulfilLine,
     HoldSoon,
+    Inbound,
     Line,
     Movement,
     Position,
+    Promise,
     Reservation,
     ReservationLine,
+    ScheduleDay,
 )
 from .rules import Rules, RulesDocument
 from .settings import Settings
@@ -61,6 +67,9 @@ __all__ = [
     "HoldExpired",
     "HoldSoon",
     "IdempotencyConflict",
+    "Inbound",
+    "InboundExists",
+    "InboundResult",
     "InsufficientStock",
     "InvalidRequest",
     "InvalidRules",
@@ -74,6 +83,7 @@ __all__ = [
     "NotFound",
     "OverFulfil",
     "Position",
+    "Promise",
     "Refused",
     "Reservation",
     "ReservationLine",
@@ -81,7 +91,9 @@ __all__ = [
     "RulesDocument",
     "RulesStale",
     "RulesVersionConflict",
+    "ScheduleDay",
     "Settings",
+    "UnknownInbound",
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import date
 from typing import Any
 
 from ._base import _RULES_KEEP, _RULES_TRIES, CoreBase
@@ -20,11 +21,16 @@ from .errors import (
 from .models import (
     Explanation,
     HoldSoon,
+    Promise,
+    ScheduleDay,
     check_channel,
     check_customer,
+    check_date,
     check_ident,
     check_int,
     check_text,
+    date_of,
+    day_of,
     ms_to_dt,
 )
 from .rules import Rules, RulesDocument, document_json, parse_rules, rules_from_stored
@@ -41,6 +47,8 @@ class AllocationMixin(CoreBase):
         *,
         customer_id: str | None = None,
         soon_seconds: int = 300,
+        requested_date: date | None = None,
+        qty: int | None = None,
     ) -> Explanation | None:
         """Why ATP is what it is for ``channel`` at one position: the breakdown the
         reserving script decides with (see :class:`~atp.models.Explanation`). ``None``
@@ -48,6 +56,9 @@ class AllocationMixin(CoreBase):
 
         :param customer_id: also show the buyer limit left for this customer.
         :param soon_seconds: list holds that expire within this many seconds (1..86400).
+        :param requested_date: ATP for a reservation wanted on that date (time-phased);
+            ``None``: now.
+        :param qty: also answer the earliest date ``qty`` could be promised.
         """
         check_ident(sku, "sku")
         check_ident(location, "location")
@@ -55,12 +66,18 @@ class AllocationMixin(CoreBase):
         if customer_id is not None:
             check_customer(customer_id)
         check_int(soon_seconds, "soon_seconds", 1, 86_400)
+        rd = (
+            None if requested_date is None else day_of(check_date(requested_date, "requested_date"))
+        )
+        if qty is not None:
+            check_int(qty, "qty", 1, self.settings.max_line_qty)
         (r,) = await self._explain(
-            [(sku, location)], channel, customer_id, soon_ms=soon_seconds * 1000
+            [(sku, location)], channel, customer_id, soon_ms=soon_seconds * 1000, rd=rd, qty=qty
         )
         if not r["exists"]:
             return None
         rv = r.pop("rv")
+        sched = r.get("schedule") or []
         return Explanation(
             sku=sku,
             location=location,
@@ -92,6 +109,52 @@ class AllocationMixin(CoreBase):
                 for h in r["holds_expiring_soon"]["holds"] or []
             ),
             at=ms_to_dt(r.pop("now")),
+            in_transit=int(r.get("inbound", 0)),
+            committed_dated=int(r.get("dated", 0)),
+            requested_date=date_of(r["requested_day"])
+            if r.get("requested_day") is not None
+            else None,
+            schedule=tuple(
+                ScheduleDay(date_of(d["day"]), int(d["inbound"]), int(d["dated"]), int(d["atp"]))
+                for d in (sched if isinstance(sched, list) else [])
+            ),
+            promise_date=date_of(r["promise_day"]) if r.get("promise_day") is not None else None,
+            promise_blocked_by=r.get("promise_blocked_by"),
+        )
+
+    async def promise(
+        self,
+        sku: str,
+        location: str,
+        channel: str,
+        qty: int,
+        *,
+        customer_id: str | None = None,
+    ) -> Promise:
+        """The earliest date (UTC, today or later) a reservation of ``qty`` for ``channel``
+        at this position would be accepted now: from on hand, the inbound schedule, what is
+        promised already (dated or not), safety stock, other channels' protections, the
+        channel's cap and the buyer limit, decided as reserve decides (lua/explain.lua).
+        ``promise_date`` is ``None`` when no date of the known schedule gives it
+        (``blocked_by`` says when a cap or buyer limit, not supply, is the reason)."""
+        check_ident(sku, "sku")
+        check_ident(location, "location")
+        check_channel(channel)
+        if customer_id is not None:
+            check_customer(customer_id)
+        check_int(qty, "qty", 1, self.settings.max_line_qty)
+        (r,) = await self._explain([(sku, location)], channel, customer_id, brief=True, qty=qty)
+        if not r["exists"]:
+            return Promise(sku, location, channel, qty, None, 0, None, exists=False)
+        pd = r.get("promise_day")
+        return Promise(
+            sku,
+            location,
+            channel,
+            qty,
+            date_of(pd) if pd is not None else None,
+            int(r["atp"]),
+            r.get("promise_blocked_by"),
         )
 
     async def _explain(
@@ -102,6 +165,8 @@ class AllocationMixin(CoreBase):
         *,
         brief: bool = False,
         soon_ms: int = 300_000,
+        rd: int | None = None,
+        qty: int | None = None,
     ) -> list[dict[str, Any]]:
         """Run explain.lua over ``pairs``: one call on one server, one per bucket on a
         cluster; retried with fresh rules when a bucket enforces another version."""
@@ -118,9 +183,9 @@ class AllocationMixin(CoreBase):
                 for i in idxs:
                     sku, loc = pairs[i]
                     b = self.keys.bucket(sku)
-                    lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx
+                    lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx, sch
                     bk = self._bucket_keys(b)  # res, holds, events, stats, exc
-                    keys += (bk[3], bk[0], lk[1], lk[2], lk[0])
+                    keys += (bk[3], bk[0], lk[1], lk[2], lk[0], lk[5])
                     item: dict[str, Any] = {"sku": sku, "loc": loc}
                     if rules.version:
                         pr = rules.protections(sku, loc)
@@ -141,6 +206,10 @@ class AllocationMixin(CoreBase):
                 }
                 if customer_id is not None:
                     req["cu"] = customer_id
+                if rd is not None:
+                    req["rd"] = rd
+                if qty is not None:
+                    req["qty"] = qty
                 calls.append((idxs, keys, req))
             try:
                 outs = [await self._run("explain", k, cfg, r) for _, k, r in calls]

@@ -45,6 +45,7 @@ class ClusterMixin(AllocationMixin):
         customer: str | None,
         rv: int,
         cfg: str,
+        rd: int | None = None,
     ) -> Reservation:
         idx_key = self.keys.index(rid)
         index: dict[str, Any] = {
@@ -71,7 +72,7 @@ class ClusterMixin(AllocationMixin):
         for b, sl in specs.items():
             keys = self._spec_keys(None, {b: sl})
             req = _reserve_req_json(
-                rid, channel, hold * 1000, fp, home, rv, customer, {b: sl}, idx=False
+                rid, channel, hold * 1000, fp, home, rv, customer, {b: sl}, idx=False, rd=rd
             )
             try:
                 out = decode(await self._call("reserve", keys, (cfg, req)))
@@ -99,6 +100,8 @@ class ClusterMixin(AllocationMixin):
         ]
         ex = cr + hold * 1000 if hold else 0
         out = {"st": "held" if hold else "confirmed", "cr": cr, "ex": ex, "rv": rv, "lines": lines}
+        if rd is not None:  # as the scripts took it (a past day is today)
+            out["rd"] = max(o.get("rd", rd) for o in outs)
         return _fresh(rid, channel, specs, out, customer)
 
     async def _rollback(self, rid: str, taken: list[tuple[int, int, list[str]]], cfg: str) -> None:
@@ -116,9 +119,10 @@ class ClusterMixin(AllocationMixin):
         rid = req["id"]
         calls: list[tuple[list[str], dict[str, Any]]] = []
         k = 1  # keys[0] is the index key, not sent on a cluster
+        per_line = len(self._line_keys("-", "-"))
         for p in req["parts"]:
-            pkeys = keys[k : k + 5 + 5 * p["n"]]
-            k += 5 + 5 * p["n"]
+            pkeys = keys[k : k + 5 + per_line * p["n"]]
+            k += 5 + per_line * p["n"]
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]

@@ -19,6 +19,7 @@ from .models import (
     ReservationLine,
     Status,
     check_reservation_id,
+    date_of,
     ms_to_dt,
 )
 
@@ -46,14 +47,18 @@ def _reserve_fp_json(
     customer: str | None = None,
     region: str | None = None,
     split: bool | None = None,
+    rd: int | None = None,
 ) -> str:
-    """``_dumps([channel, hold, lines])`` (plus ``{"cu","rg","sp"}`` when the request gives
-    a customer, region or split choice): what a reserve request's fingerprint hashes.
-    A routed line's location is ``""``."""
+    """``_dumps([channel, hold, lines])`` (plus ``{"cu","rg","sp"[,"rd"]}`` when the request
+    gives a customer, region, split choice or requested day): what a reserve request's
+    fingerprint hashes. A routed line's location is ``""``."""
     body = ",".join([f'["{sku}","{loc}",{qty:d}]' for sku, loc, qty in lines])
-    if customer is None and region is None and split is None:
+    if customer is None and region is None and split is None and rd is None:
         return f'["{channel}",{hold:d},[{body}]]'
-    extra = _dumps({"cu": customer, "rg": region, "sp": split})
+    eo: dict[str, Any] = {"cu": customer, "rg": region, "sp": split}
+    if rd is not None:
+        eo["rd"] = rd
+    extra = _dumps(eo)
     return f'["{channel}",{hold:d},[{body}],{extra}]'
 
 
@@ -114,12 +119,15 @@ def _reserve_req_json(
     specs: dict[int, list[_Spec]],
     *,
     idx: bool = True,
+    rd: int | None = None,
 ) -> str:
-    """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, rv, [cu], parts:
-    [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap], [bl]}]}]}, in that key
-    order."""
+    """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, rv, [cu], [rd],
+    parts: [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap], [bl]}]}]}, in
+    that key order."""
     ps = ",".join([_part_json(b, sp) for b, sp in specs.items()])
     cu = "" if customer is None else f',"cu":"{customer}"'
+    if rd is not None:
+        cu += f',"rd":{rd:d}'
     return (
         f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}",'
         f'"idx":{"true" if idx else "false"},"home":{home:d},"rv":{rv:d}{cu},"parts":[{ps}]}}'
@@ -151,7 +159,9 @@ def _s(v: Any) -> str:
 
 
 def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
-    p: dict[str, Any] = {"on_hand": 0, "committed": 0, "safety_stock": 0, "ch": {}}
+    p: dict[str, Any] = {
+        "on_hand": 0, "committed": 0, "safety_stock": 0, "inbound": 0, "dated": 0, "ch": {}
+    }  # fmt: skip
     for f, v in flat.items():
         name = _s(f)
         if name.startswith("ch:"):
@@ -161,7 +171,7 @@ def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
     return p
 
 
-_POS_FIGURES = frozenset({"on_hand", "committed", "safety_stock"})
+_POS_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated"})
 _MOVEMENT_FIELDS = frozenset(
     {"at", "kind", "reason", "actor", "source", "ref", "rid", "channel", "on_hand_before",
      "on_hand_after", "committed_before", "committed_after"}
@@ -177,6 +187,8 @@ def _position(sku: str, location: str, p: dict[str, Any]) -> Position:
         committed=int(p.get("committed", 0)),
         safety_stock=int(p.get("safety_stock", 0)),
         committed_by_channel={k: int(v) for k, v in ch.items()} if isinstance(ch, dict) else {},
+        in_transit=int(p.get("inbound", 0)),
+        committed_dated=int(p.get("dated", 0)),
     )
 
 
@@ -238,6 +250,7 @@ def _fresh(
         updated_at=created,
         customer_id=customer,
         rules_version=int(out.get("rv", 0)),
+        requested_date=date_of(out["rd"]) if out.get("rd") is not None else None,
     )
 
 
@@ -255,6 +268,7 @@ def _original(current: Reservation, hold_seconds: int) -> Reservation:
         replayed=True,
         customer_id=current.customer_id,
         rules_version=current.rules_version,
+        requested_date=current.requested_date,
     )
 
 
@@ -302,4 +316,5 @@ def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
         replayed=bool(out.get("replay")),
         customer_id=first.get("cu"),
         rules_version=int(first.get("rv", 0)),
+        requested_date=date_of(first["rd"]) if first.get("rd") is not None else None,
     )

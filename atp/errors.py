@@ -34,6 +34,7 @@ Every error has a stable ``code`` (the problem type the HTTP layer maps) and a `
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from typing import Any, ClassVar
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "CustomerRequired",
     "HoldExpired",
     "IdempotencyConflict",
+    "InboundExists",
     "InsufficientStock",
     "InvalidRequest",
     "InvalidRules",
@@ -59,6 +61,7 @@ __all__ = [
     "RulesStale",
     "RulesVersionConflict",
     "UnknownException",
+    "UnknownInbound",
     "UnknownLine",
     "UnknownPosition",
     "UnknownReservation",
@@ -125,17 +128,43 @@ class UnknownPosition(NotFound):
     code = "unknown_position"
 
 
+class UnknownInbound(NotFound):
+    """No open expected receipt under that reference at the position."""
+
+    code = "unknown_inbound"
+
+
 class Refused(ATPError):
     code = "refused"
 
 
 class InsufficientStock(Refused):
+    """Each line: ``sku``, ``location``, ``requested``, ``available``, ``limited_by`` and,
+    when the inbound schedule can give it later, ``promise_date`` (ISO date, UTC): the
+    earliest requested date the line would be accepted for."""
+
     code = "insufficient_stock"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        epoch = date(1970, 1, 1)
+        for ln in extra.get("lines") or []:
+            if isinstance(ln, dict) and "promise_day" in ln:
+                ln["promise_date"] = (
+                    epoch + timedelta(days=int(ln.pop("promise_day")))
+                ).isoformat()
+        super().__init__(detail, **extra)
 
     @property
     def lines(self) -> list[dict[str, Any]]:
         lines: list[dict[str, Any]] = self.extra.get("lines", [])
         return lines
+
+
+class InboundExists(Refused):
+    """The reference is already expected at the position with other figures (``inbound``
+    holds them): amend it instead."""
+
+    code = "inbound_exists"
 
 
 class BuyerLimitExceeded(Refused):
@@ -213,6 +242,8 @@ SCRIPT_ERRORS: dict[str, type[ATPError]] = {
     "not_confirmed": NotConfirmed,
     "conflict": IdempotencyConflict,
     "buyer_limit": BuyerLimitExceeded,
+    "unknown_inbound": UnknownInbound,
+    "inbound_exists": InboundExists,
     "customer_required": CustomerRequired,
     "rules_stale": RulesStale,
     "version_conflict": RulesVersionConflict,

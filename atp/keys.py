@@ -20,6 +20,13 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
 ``{p b}:lx:<sku>|<loc>``        zset, all scores 0: the live reservations on this
                                 position, ``<channel>:<0 held|1 confirmed>:<newest
                                 first>:<id>``, walked per channel by the shortage rule
+``{p b}:sch:<sku>|<loc>``       hash: the position's dated schedule (time-phased ATP):
+                                ``i:<day>`` open inbound units expected that day,
+                                ``d:<day>`` units committed to reservations with that
+                                requested day (``day`` = UTC days since 1970-01-01);
+                                their totals are ``inbound`` and ``dated`` in ``pos``
+``{p b}:ib:<sku>|<loc>``        hash: reference -> JSON of an open expected receipt
+                                (qty still expected, expected time, received so far)
 ``{p b}:sku:<sku>``             hash: the SKU's commitments over all its locations,
                                 ``ch:<channel>`` (caps) and ``cu:<customer>`` (buyer
                                 limits)
@@ -88,15 +95,17 @@ class PositionKeys:
     log: str
     lx: str
     sku: str
+    sch: str
+    ib: str
 
-    def line(self) -> tuple[str, str, str, str, str]:
+    def line(self) -> tuple[str, str, str, str, str, str]:
         """A reservation line's keys in the scripts' order (``part_keys`` in lua/_lib.lua):
-        the SKU's totals, then the position's four keys."""
-        return (self.sku, self.pos, self.hx, self.log, self.lx)
+        the SKU's totals, then the position's five keys."""
+        return (self.sku, self.pos, self.hx, self.log, self.lx, self.sch)
 
-    def candidate(self) -> tuple[str, str, str, str]:
-        """One candidate location of a routed line: the position's four keys."""
-        return (self.pos, self.hx, self.log, self.lx)
+    def candidate(self) -> tuple[str, str, str, str, str]:
+        """One candidate location of a routed line: the position's five keys."""
+        return (self.pos, self.hx, self.log, self.lx, self.sch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +153,8 @@ class KeySpace:
             f"{t}:log:{suffix}",
             f"{t}:lx:{suffix}",
             f"{t}:sku:{sku}",
+            f"{t}:sch:{suffix}",
+            f"{t}:ib:{suffix}",
         )
 
     def sku(self, sku: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from .errors import InvalidRequest
@@ -112,6 +112,46 @@ def ms_to_dt(ms: int | float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+_EPOCH_DAY = date(1970, 1, 1)
+FIRST_DATE = date(2000, 1, 1)
+"""The earliest requested or expected date taken (earlier is a mistake, not a plan)."""
+LAST_DATE = date(2199, 12, 31)
+
+
+def day_of(d: date) -> int:
+    """A calendar date as the scripts' day number (UTC days since 1970-01-01)."""
+    return (d - _EPOCH_DAY).days
+
+
+def date_of(day: int) -> date:
+    """The scripts' day number as a calendar date (UTC)."""
+    return _EPOCH_DAY + timedelta(days=day)
+
+
+def check_date(value: object, name: str) -> date:
+    """A calendar date (not a datetime) within FIRST_DATE..LAST_DATE."""
+    if not isinstance(value, date) or isinstance(value, datetime):
+        raise InvalidRequest(f"{name} must be a date (YYYY-MM-DD)", field=name)
+    if not FIRST_DATE <= value <= LAST_DATE:
+        raise InvalidRequest(f"{name} must be between {FIRST_DATE} and {LAST_DATE}", field=name)
+    return value
+
+
+def check_when(value: object, name: str) -> int:
+    """A date (midnight UTC) or an aware datetime within FIRST_DATE..LAST_DATE, as ms."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidRequest(f"{name} needs a time zone (e.g. Z or +00:00)", field=name)
+        at = value
+    elif isinstance(value, date):
+        at = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    else:
+        raise InvalidRequest(f"{name} must be a date or a date-time", field=name)
+    if not FIRST_DATE <= at.astimezone(UTC).date() <= LAST_DATE:
+        raise InvalidRequest(f"{name} must be between {FIRST_DATE} and {LAST_DATE}", field=name)
+    return int(at.timestamp() * 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
     """One line of a reservation request. ``location=None`` routes the line by the
@@ -164,6 +204,8 @@ class Reservation:
     customer_id: str | None = None
     rules_version: int = 0
     """The allocation rules version that decided the reservation (atp.rules)."""
+    requested_date: date | None = None
+    """The day the units are promised for (time-phased ATP); ``None``: now, from the shelf."""
 
     @property
     def open_units(self) -> int:
@@ -191,6 +233,7 @@ class Reservation:
             "updated_at": self.updated_at.isoformat(),
             "customer_id": self.customer_id,
             "rules_version": self.rules_version,
+            "requested_date": self.requested_date.isoformat() if self.requested_date else None,
         }
 
 
@@ -202,11 +245,67 @@ class Position:
     committed: int
     safety_stock: int
     committed_by_channel: dict[str, int] = field(default_factory=dict)
+    in_transit: int = 0
+    """Units of open expected receipts (inbound supply), not yet on hand."""
+    committed_dated: int = 0
+    """The part of ``committed`` promised for a requested date (time-phased ATP)."""
 
     @property
     def available(self) -> int:
-        """On hand less committed and safety stock, never below zero."""
+        """On hand less committed and safety stock, never below zero: what an undated
+        reservation may take when nothing dated is promised (see ``ATP.explain`` for the
+        time-phased figure)."""
         return max(0, self.on_hand - self.committed - self.safety_stock)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """An open expected receipt (purchase order line, ASN) of one position."""
+
+    sku: str
+    location: str
+    reference: str
+    qty: int
+    """Units still expected."""
+    ordered: int
+    """Units expected in all (received + still expected)."""
+    received: int
+    expected_at: datetime
+    expected_date: date
+    """The UTC day its units count as supply from."""
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleDay:
+    """One day of a position's time-phased schedule (``ATP.explain``)."""
+
+    date: date
+    inbound: int
+    """Units expected that day (earlier, overdue receipts count on today)."""
+    dated: int
+    """Units promised for that day (earlier, overdue promises count on today)."""
+    atp: int
+    """What a reservation for that day could still be promised, for the channel asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """When can ``qty`` of a SKU be promised at a location, for a channel?"""
+
+    sku: str
+    location: str
+    channel: str
+    qty: int
+    promise_date: date | None
+    """The earliest date (today or later, UTC) a reservation of ``qty`` for it would be
+    accepted now; ``None`` when no date of the known inbound schedule gives it."""
+    available_now: int
+    """ATP now, undated (what the shelf can give)."""
+    blocked_by: str | None
+    """``cap`` or ``buyer_limit`` when that, not supply, stands in the way (no date)."""
+    exists: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +363,16 @@ class Explanation:
     holds_expiring_count: int
     holds_expiring: tuple[HoldSoon, ...]
     at: datetime
+    in_transit: int = 0
+    committed_dated: int = 0
+    requested_date: date | None = None
+    """The date asked about (time-phased); ``None``: now."""
+    schedule: tuple[ScheduleDay, ...] = ()
+    """The time-phased view, one entry per day with inbound due or dated promises."""
+    promise_date: date | None = None
+    """With ``qty``: the earliest date it could be promised (``None``: none, see
+    ``promise_blocked_by``)."""
+    promise_blocked_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ NAMES = (
     "set_position",
     "adjust",
     "receive",
+    "inbound",
     "explain",
     "rules_apply",
     "rules_bump",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from datetime import date
 from typing import Any, cast
 
 from ._base import _RULES_TRIES
 from ._cluster import ClusterMixin
 from ._reconciliation import ReconcileMixin
+from ._supply import SupplyMixin
 from ._wire import (
     _check_fulfilment_id,
     _check_stream_id,
@@ -45,18 +47,20 @@ from .models import (
     Reservation,
     check_channel,
     check_customer,
+    check_date,
     check_ident,
     check_int,
     check_region,
     check_reservation_id,
     check_text,
+    day_of,
 )
 from .scripts import decode
 
 __all__ = ["ATP"]
 
 
-class ATP(ClusterMixin, ReconcileMixin):
+class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
     """The ATP core over one Redis connection pool.
 
     :param client: a ``redis.asyncio.Redis`` (``decode_responses`` may be on or off).
@@ -64,7 +68,8 @@ class ATP(ClusterMixin, ReconcileMixin):
 
     Positions and reservations are here; the shared plumbing is in ``atp._base``, the
     allocation rules and explain in ``atp._allocation``, cluster routing in
-    ``atp._cluster``, counts and exceptions in ``atp._reconciliation``.
+    ``atp._cluster``, counts and exceptions in ``atp._reconciliation``, expected receipts
+    and receipts in ``atp._supply``.
     """
 
     # -- positions -------------------------------------------------------------------------
@@ -137,28 +142,6 @@ class ATP(ClusterMixin, ReconcileMixin):
         )
         return _position(sku, location, out["position"])
 
-    async def receive(
-        self,
-        sku: str,
-        location: str,
-        qty: int,
-        *,
-        reference: str,
-        actor: str = "",
-        source: str = "",
-    ) -> Position:
-        """Inbound units arrive: on_hand goes up by ``qty`` against ``reference`` (PO, ASN)."""
-        check_ident(sku, "sku")
-        check_ident(location, "location")
-        check_int(qty, "qty", 1, self.settings.max_on_hand)
-        check_text(reference, "reference")
-        k = self.keys.position(sku, location)
-        req = {"sku": sku, "loc": location, "qty": qty, "ref": reference}
-        out = await self._run(
-            "receive", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
-        )
-        return _position(sku, location, out["position"])
-
     async def position(self, sku: str, location: str) -> Position | None:
         """The position, or ``None`` when it does not exist."""
         check_ident(sku, "sku")
@@ -209,10 +192,10 @@ class ATP(ClusterMixin, ReconcileMixin):
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
     def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc."""
-        _, pos, _, log, lx = self._line_keys(sku, location)
+        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc, sch."""
+        _, pos, _, log, lx, sch = self._line_keys(sku, location)
         res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res, stats, exc)
+        return (pos, log, events, lx, res, stats, exc, sch)
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -226,6 +209,7 @@ class ATP(ClusterMixin, ReconcileMixin):
         customer_id: str | None = None,
         region: str | None = None,
         allow_split: bool | None = None,
+        requested_date: date | None = None,
         actor: str = "",
         source: str = "",
     ) -> Reservation:
@@ -244,8 +228,15 @@ class ATP(ClusterMixin, ReconcileMixin):
         :param region: picks the channel's location list for that region, when it has one.
         :param allow_split: may a routed line be split over locations when none holds it
             whole; ``None`` takes the channel's rule.
+        :param requested_date: the day the units are wanted (UTC). Time-phased: accepted
+            when, on that day and every later day of the position's schedule, on hand +
+            inbound due by then - everything promised by then - safety stock - other
+            channels' protections stays >= 0, so a dated promise may count on inbound and
+            never starves an earlier one. A date before today is taken as today. ``None``:
+            wanted now, from the shelf (as before dated supply existed).
         :raises InsufficientStock: with ``lines`` saying requested, available and what
-            limited it (``stock``, ``protection`` or ``cap``).
+            limited it (``stock``, ``protection`` or ``cap``), and ``promise_date`` when
+            a later date can be had from the inbound schedule.
         :raises BuyerLimitExceeded: the customer would hold more than the SKU's limit.
         :raises CustomerRequired: a line's SKU has a buyer limit and no customer was given.
         :raises NoRoute: a line without a location, and the channel has no locations.
@@ -261,6 +252,9 @@ class ATP(ClusterMixin, ReconcileMixin):
             check_region(region)
         if allow_split is not None and not isinstance(allow_split, bool):
             raise InvalidRequest("allow_split must be true or false", field="allow_split")
+        rd = (
+            None if requested_date is None else day_of(check_date(requested_date, "requested_date"))
+        )
         if not lines:
             raise InvalidRequest("a reservation needs at least one line", field="lines")
         if len(lines) > s.max_lines:
@@ -302,7 +296,7 @@ class ATP(ClusterMixin, ReconcileMixin):
             (sku, loc or "", qty) for plines in parts.values() for sku, loc, qty in plines
         )
         fp = _fingerprint_text(
-            _reserve_fp_json(channel, hold, all_lines, customer_id, region, allow_split)
+            _reserve_fp_json(channel, hold, all_lines, customer_id, region, allow_split, rd)
         )
         cfg = self._cfg(actor, source)
         for _ in range(_RULES_TRIES):
@@ -314,7 +308,15 @@ class ATP(ClusterMixin, ReconcileMixin):
                 }
                 if self.cluster:
                     return await self._reserve_cluster(
-                        reservation_id, channel, hold, fp, specs, customer_id, rules.version, cfg
+                        reservation_id,
+                        channel,
+                        hold,
+                        fp,
+                        specs,
+                        customer_id,
+                        rules.version,
+                        cfg,
+                        rd,
                     )
                 keys = self._spec_keys(self.keys.index(reservation_id), specs)
                 home = self.keys.bucket(reservation_id)
@@ -327,6 +329,7 @@ class ATP(ClusterMixin, ReconcileMixin):
                     rules.version,
                     customer_id,
                     specs,
+                    rd=rd,
                 )
                 out = decode(await self._call("reserve", keys, (cfg, req)))
             except RulesStale:

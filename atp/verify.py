@@ -3,9 +3,15 @@
 :func:`verify` reads every position, reservation part, index entry and movement log of a
 deployment (SCAN, so it never blocks the server) and checks:
 
-* **I1** ``committed <= on_hand - safety_stock`` on every position (``allow_uncovered``
-  lists positions a short pick or a count left uncovered on purpose: they are reported,
-  not failed);
+* **I1** ``committed <= on_hand - safety_stock`` on every position, in its time-phased
+  form where reservations carry a requested date: at the now point (the shelf, against
+  the undated commitments) and at every day of the schedule (on hand + inbound due by
+  then against everything due by then), :func:`least_slack` (``allow_uncovered`` lists
+  positions a short pick or a count left uncovered on purpose: they are reported, not
+  failed);
+* the dated schedule balances: ``dated`` and each ``d:<day>`` equal the open units of
+  live reservations for that day; ``inbound`` and each ``i:<day>`` equal the open
+  expected receipts due that day;
 * **I2** ``committed`` equals the open units of the live reservation lines on the
   position, per channel too; terminal reservations hold no open units; each SKU's totals
   over its locations (per channel, for caps; per customer, for buyer limits) equal its
@@ -75,7 +81,10 @@ async def verify(
         if len(rep.problems) < max_problems:
             rep.problems.append(msg)
 
+    t = await r.time()
+    today = (int(t[0]) * 1000 + int(t[1]) // 1000) // 86_400_000
     open_pos: dict[tuple[str, str], int] = defaultdict(int)
+    open_rd: dict[tuple[str, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
     open_ch: dict[tuple[str, str, str], int] = defaultdict(int)
     sku_tot: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     live_ix: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -98,6 +107,8 @@ async def verify(
                     problem(f"{rid}: {rec['st']} but {o} units still open on {ln['sku']}")
                 open_pos[(ln["sku"], ln["loc"])] += o
                 open_ch[(ln["sku"], ln["loc"], rec["ch"])] += o
+                if o and rec.get("rd") is not None:
+                    open_rd[(ln["sku"], ln["loc"])][int(rec["rd"])] += o
                 if o:
                     sku_tot[ln["sku"]][f"ch:{rec['ch']}"] += o
                     if rec.get("cu"):
@@ -140,9 +151,13 @@ async def verify(
         flat = {
             _s(k): int(v)
             for k, v in (await r.hgetall(key)).items()
-            if _s(k) in ("on_hand", "committed", "safety_stock") or _s(k).startswith("ch:")
+            if _s(k) in _FIGURES or _s(k).startswith("ch:")
         }
         oh, cm, ss = flat.get("on_hand", 0), flat.get("committed", 0), flat.get("safety_stock", 0)
+        pk = ks.position(sku, loc)
+        sch = {_s(k): int(v) for k, v in (await r.hgetall(pk.sch)).items()}
+        _check_schedule(sku, loc, flat, sch, open_rd.get((sku, loc), {}), problem)
+        await _check_inbound(atp, sku, loc, flat.get("inbound", 0), sch, problem)
         if oh < 0 or cm < 0:
             problem(f"{sku}@{loc}: on_hand {oh}, committed {cm}")
         if cm != open_pos.get((sku, loc), 0):
@@ -156,10 +171,14 @@ async def verify(
                     f"{sku}@{loc}: channel {f[3:]} committed {v} but its reservations hold "
                     f"{open_ch.get((sku, loc, f[3:]), 0)} (I2)"
                 )
-        if cm > oh - ss:
+        slack = least_slack(oh, cm, flat.get("dated", 0), sch, today)
+        if slack < ss:
             rep.uncovered.append(f"{sku}@{loc}")
             if not allow_uncovered:
-                problem(f"{sku}@{loc}: committed {cm} > on_hand {oh} - safety_stock {ss} (I1)")
+                problem(
+                    f"{sku}@{loc}: committed {cm} (dated {flat.get('dated', 0)}) not covered: "
+                    f"least slack {slack} < safety_stock {ss} (I1)"
+                )
         ix = {_s(m) for m in await r.zrange(ks.position(sku, loc).lx, 0, -1)}
         if ix != live_ix.get((sku, loc), set()):
             want = live_ix.get((sku, loc), set())
@@ -192,6 +211,71 @@ async def verify(
         if sku not in seen_sku and any(tot.values()):
             problem(f"{sku}: reservations hold units but the SKU has no totals (I2)")
     return rep
+
+
+_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated"})
+
+
+def least_slack(
+    on_hand: int, committed: int, dated: int, sch: Mapping[str, int], today: int
+) -> int:
+    """The least of supply - commitments over a position's points in time (written apart
+    from lua/_lib.lua's phased_points, as a check of it): the now point (on hand against
+    the undated commitments) and each day of the schedule, days before ``today`` taken as
+    today (on hand + inbound due by then against everything due by then). Without dated
+    commitments it is ``on_hand - committed``."""
+    if dated == 0:
+        return on_hand - committed
+    by_day: dict[int, int] = defaultdict(int)
+    for f, v in sch.items():
+        kind, _, day = f.partition(":")
+        d = max(int(day), today)
+        by_day[d] += v if kind == "i" else -v
+    least = cur = on_hand - (committed - dated)
+    for d in sorted(by_day):
+        cur += by_day[d]
+        least = min(least, cur)
+    return least
+
+
+def _check_schedule(
+    sku: str,
+    loc: str,
+    flat: Mapping[str, int],
+    sch: Mapping[str, int],
+    open_rd: Mapping[int, int],
+    problem: Any,
+) -> None:
+    dated = {int(f[2:]): v for f, v in sch.items() if f.startswith("d:")}
+    want = {d: u for d, u in open_rd.items() if u}
+    if dated != want:
+        problem(f"{sku}@{loc}: dated schedule {dated} but dated reservations hold {want} (I2)")
+    if flat.get("dated", 0) != sum(want.values()):
+        problem(
+            f"{sku}@{loc}: dated {flat.get('dated', 0)} but dated reservations hold "
+            f"{sum(want.values())} (I2)"
+        )
+    if any(v <= 0 for v in sch.values()):
+        problem(f"{sku}@{loc}: schedule holds zero or negative entries {dict(sch)}")
+
+
+async def _check_inbound(
+    atp: ATP, sku: str, loc: str, inbound: int, sch: Mapping[str, int], problem: Any
+) -> None:
+    due: dict[int, int] = defaultdict(int)
+    for e in await atp.inbound(sku, loc):
+        if e.qty <= 0:
+            problem(f"{sku}@{loc}: expected receipt {e.reference} is open with {e.qty} units")
+        due[e.expected_date.toordinal() - _EPOCH_ORDINAL] += e.qty
+    got = {int(f[2:]): v for f, v in sch.items() if f.startswith("i:")}
+    if got != dict(due) or inbound != sum(due.values()):
+        problem(
+            f"{sku}@{loc}: inbound {inbound} and schedule {got} but open expected receipts "
+            f"are due {dict(due)}"
+        )
+
+
+_EPOCH_ORDINAL = 719_163  # date(1970, 1, 1).toordinal()
 
 
 def _lx_member(rec: dict[str, Any]) -> str:

@@ -11,6 +11,9 @@ The default scenario, the ceiling:
 * ``reserve`` ``core.reserve(...)`` through the public API on ONE hot SKU (on_hand huge,
               confirmed at once, a unique id per call, qty 1).
 
+``--dated``, the cost of a time-phased reservation (issue 7; aim: dated/undated >= 0.7):
+see ``bench_dated``.
+
 ``--rules``, the cost of allocation rules (issue 4; aim: rules/norules >= 0.8):
 
 * ``norules`` ``core.reserve(...)`` on a deployment with no rules applied (key prefix
@@ -34,6 +37,7 @@ is a steadier measure of the cost than ops/s.
 
     python benchmarks/bench_core.py [--seconds 5] [--tasks 64] [--appendfsync everysec]
     python benchmarks/bench_core.py --rules [--seconds 3] [--rounds 4] [--skus 8]
+    python benchmarks/bench_core.py --dated [--seconds 3] [--rounds 4] [--skus 8]
 
 Everything is bounded in time: every call has a socket timeout, every phase a deadline,
 and the whole run a budget after which it is cancelled and the server stopped.
@@ -52,6 +56,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +331,98 @@ async def bench_rules(
     return ok
 
 
+DATED_RECEIPTS = 30
+
+
+async def bench_dated(
+    args: argparse.Namespace, server_pid: int, client: aioredis.Redis, server: EmbeddedServer
+) -> bool:
+    """``undated`` vs ``dated`` (issue 7; aim dated/undated >= 0.7), on positions that each
+    have 30 expected receipts, one a day for the next 30 days:
+
+    * ``undated``  reserve qty 1, no requested date, on positions with no dated promises
+                   (the plain check: the schedule is not read);
+    * ``dated``    reserve qty 1 for a requested date 1 to 30 days ahead (in turn), on
+                   other positions: the time-phased check walks the schedule (30 receipt
+                   days and up to 30 days of dated promises);
+    * ``mixed``    reserve qty 1 undated on the positions of ``dated``, which carry dated
+                   promises, so the undated check walks the schedule too (to keep them).
+
+    Stock never binds (on hand and receipts are huge), so every call succeeds and all three
+    do the same writes; then ``atp.verify`` checks the book (I1 time-phased, the schedule)."""
+    st = Settings(redis_url=server.url, key_prefix="bdt:", data_dir=server.data_dir)
+    core = ATP(client, st)
+    await core.start()
+    t = await client.time()
+    today = date(1970, 1, 1) + timedelta(days=int(t[0]) // 86_400)
+    plain = [f"DT-U-{i}" for i in range(args.skus)]
+    dated = [f"DT-D-{i}" for i in range(args.skus)]
+    for sku in plain + dated:
+        await core.set_position(sku, LOC, ON_HAND)
+        for d in range(1, DATED_RECEIPTS + 1):
+            await core.expect_inbound(sku, LOC, f"PO-{d}", 10**6, today + timedelta(days=d))
+    print(
+        f"positions   {len(plain)} + {len(dated)} SKUs at {LOC}, each with {DATED_RECEIPTS} "
+        f"expected receipts (one a day, days 1-{DATED_RECEIPTS}); requests: 1 line, qty 1, "
+        "confirmed at once"
+    )
+    print()
+    run_tag = f"d{int(time.time())}"
+    n = len(plain)
+
+    def op(skus: list[str], with_date: bool, tag: str) -> Callable[[], Awaitable[object]]:
+        ids = itertools.count()
+
+        async def reserve() -> object:
+            i = next(ids)
+            when = today + timedelta(days=1 + i % DATED_RECEIPTS) if with_date else None
+            return await core.reserve(
+                f"{run_tag}-{tag}-{i}",
+                CHANNEL,
+                [(skus[i % n], LOC, 1)],
+                hold_seconds=0,
+                requested_date=when,
+            )
+
+        return reserve
+
+    ops = [
+        ("undated", op(plain, False, "u")),
+        ("dated", op(dated, True, "d")),
+        ("mixed", op(dated, False, "m")),
+    ]
+    results = await run_rounds(args, ops, server_pid, client, alternate=True)
+
+    def med(name: str, attr: str) -> float:
+        return float(statistics.median(getattr(p, attr) for p in results[name]))
+
+    print()
+    print_table(args, results, med)
+    u, d, m = med("undated", "rate"), med("dated", "rate"), med("mixed", "rate")
+    per_round = [b.rate / a.rate for a, b in zip(results["undated"], results["dated"], strict=True)]
+    print()
+    print(
+        f"reservations/s: undated {u:,.0f}, dated {d:,.0f}, undated beside dated promises {m:,.0f}"
+    )
+    print(
+        f"ratio dated/undated = {d / u:.2f} (per round: "
+        f"{', '.join(f'{x:.2f}' for x in per_round)}); aim >= 0.70: "
+        f"{'MET' if d / u >= 0.7 else 'NOT MET'}; mixed/undated = {m / u:.2f}"
+    )
+    print(
+        "server time per call (script, INFO commandstats): "
+        + ", ".join(f"{k} {med(k, 'script_us'):.1f} us" for k in ("undated", "dated", "mixed"))
+    )
+    if any(p.errors for ps in results.values() for p in ps):
+        print("WARNING: some calls failed (see the traceback above); figures are suspect")
+    t0 = time.perf_counter()
+    rep = await verify(core, check_log=not args.no_log_check)
+    print(f"verify      {rep.summary()} ({time.perf_counter() - t0:.1f} s)")
+    for msg in rep.problems[:10]:
+        print(f"  {msg}")
+    return rep.ok
+
+
 async def run_rounds(
     args: argparse.Namespace,
     ops: list[tuple[str, Callable[[], Awaitable[object]]]],
@@ -414,6 +511,8 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
         print()
         if args.rules:
             return 0 if await bench_rules(args, server_pid, client, server) else 1
+        if args.dated:
+            return 0 if await bench_dated(args, server_pid, client, server) else 1
 
         await core.set_position(SKU, LOC, ON_HAND)
         noop_key = core.keys.position(SKU, LOC).pos
@@ -535,7 +634,14 @@ def main() -> int:
         action="store_true",
         help="reserve without rules vs under a rules document of 5 channels, then verify",
     )
-    ap.add_argument("--skus", type=int, default=8, help="SKUs reserved with --rules (default 8)")
+    ap.add_argument(
+        "--dated",
+        action="store_true",
+        help="dated vs undated reserve on positions with 30 expected receipts, then verify",
+    )
+    ap.add_argument(
+        "--skus", type=int, default=8, help="SKUs reserved with --rules/--dated (default 8)"
+    )
     ap.add_argument(
         "--no-log-check",
         action="store_true",
@@ -544,19 +650,22 @@ def main() -> int:
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's loop")
     args = ap.parse_args()
     # --rules runs short by default (about 30 s plus the check): two ops, 4 rounds of 3.5 s
+    short = args.rules or args.dated
     for name, plain, rules in (("seconds", 5.0, 3.0), ("warmup", 1.0, 0.5), ("rounds", 5, 4)):
         if getattr(args, name) is None:
-            setattr(args, name, rules if args.rules else plain)
+            setattr(args, name, rules if short else plain)
     if args.seconds <= 0 or args.tasks < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--seconds > 0, --tasks >= 1, --rounds >= 1, --warmup >= 0")
     if not 1 <= args.skus <= 100:
         ap.error("--skus from 1 to 100")
-    if args.rules and args.with_script:
-        ap.error("--with-script belongs to the ceiling scenario, not --rules")
+    if (args.rules or args.dated) and args.with_script:
+        ap.error("--with-script belongs to the ceiling scenario, not --rules or --dated")
+    if args.rules and args.dated:
+        ap.error("--rules or --dated, one at a time")
 
     # the whole run: rounds x ops x (warm-up + measurement), plus slack (and the check)
-    n_ops = 3 if args.with_script else 2
-    budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if args.rules else 60)
+    n_ops = 3 if args.with_script or args.dated else 2
+    budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if short else 60)
     with tempfile.TemporaryDirectory(prefix="atp-bench-") as tmp:
         server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)
         server.start()

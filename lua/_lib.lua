@@ -34,22 +34,25 @@ local function str(v)
 end
 
 -- A position as a table, or nil when it does not exist.
+-- `inbound`: open expected receipts (units); `dated`: the part of `committed` held by
+-- reservations with a requested date (both kept with their schedule in the `sch` hash).
 local function read_pos(key)
-  local v = redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock')
+  local v = redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock', 'inbound', 'dated')
   if not v[1] then return nil end
   return { on_hand = tonumber(v[1]), committed = tonumber(v[2] or '0'),
-           safety_stock = tonumber(v[3] or '0') }
+           safety_stock = tonumber(v[3] or '0'), inbound = tonumber(v[4] or '0'),
+           dated = tonumber(v[5] or '0') }
 end
 
 -- The whole position hash as the JSON-able reply shape.
 local function pos_reply(key)
   local flat = redis.call('HGETALL', key)
-  local p = { on_hand = 0, committed = 0, safety_stock = 0, ch = {} }
+  local p = { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0, ch = {} }
   for i = 1, #flat, 2 do
     local f, v = flat[i], tonumber(flat[i + 1])
     if string.sub(f, 1, 3) == 'ch:' then
       p.ch[string.sub(f, 4)] = v
-    else
+    elseif p[f] ~= nil then
       p[f] = v
     end
   end
@@ -90,9 +93,15 @@ end
 
 -- Add `qty` to what a reservation holds committed on one line's position: the position,
 -- its channel, and the SKU's totals per channel and per customer (caps, buyer limits).
+-- A dated reservation (`part.rd`, its requested day) also keeps the position's dated
+-- schedule: `dated` in the position and `d:<day>` in `sch` (time-phased ATP).
 local function commit_units(lk, part, qty)
   local after = redis.call('HINCRBY', lk.pos, 'committed', qty)
   redis.call('HINCRBY', lk.pos, 'ch:' .. part.ch, qty)
+  if part.rd then
+    redis.call('HINCRBY', lk.pos, 'dated', qty)
+    if redis.call('HINCRBY', lk.sch, 'd:' .. part.rd, qty) <= 0 then redis.call('HDEL', lk.sch, 'd:' .. part.rd) end
+  end
   local c = redis.call('HINCRBY', lk.agg, 'ch:' .. part.ch, qty)
   if c == 0 then redis.call('HDEL', lk.agg, 'ch:' .. part.ch) end
   if part.cu and part.cu ~= '' then
@@ -114,6 +123,78 @@ end
 local function stat(stats_key, committed, held)
   if committed ~= 0 then redis.call('HINCRBY', stats_key, 'committed', committed) end
   if held ~= 0 then redis.call('HINCRBY', stats_key, 'held', held) end
+end
+
+-- Time-phased ATP (issue 7). Days are UTC days since 1970-01-01 (`today_of(now)`).
+local function today_of(now)
+  return math.floor(now / 86400000)
+end
+
+-- The position's schedule as points in time, for the phased check:
+--   the now point (the shelf): slack = on_hand - undated committed;
+--   one point per day (>= today) on which inbound is due or dated commitments fall due,
+--   slack = on_hand + inbound due by that day - undated committed - dated due by that day.
+-- Days before today fold into today (an overdue receipt is still expected; an overdue
+-- promise is still owed). Safety stock and protections are not in the slack: callers
+-- subtract them. Returns the now slack and the day points in order ({day, slack}).
+-- `less` (optional): units to leave out of `d:<day>` (explain: lapsed holds reserve reclaims).
+local function phased_points(sch_key, p, today, less)
+  local base = p.on_hand - (p.committed - p.dated)
+  if p.inbound == 0 and p.dated == 0 then return base, {} end
+  local flat = redis.call('HGETALL', sch_key)
+  local delta, days = {}, {}
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], tonumber(flat[i + 1])
+    local day = tonumber(string.sub(f, 3))
+    if day and v and less and string.sub(f, 1, 2) == 'd:' then v = v - (less[day] or 0) end
+    if day and v then
+      if day < today then day = today end
+      if delta[day] == nil then delta[day] = 0; days[#days + 1] = day end
+      if string.sub(f, 1, 2) == 'i:' then delta[day] = delta[day] + v else delta[day] = delta[day] - v end
+    end
+  end
+  table.sort(days)
+  local pts, slack = {}, base
+  for i, day in ipairs(days) do
+    slack = slack + delta[day]
+    pts[i] = { day, slack }
+  end
+  return base, pts
+end
+
+-- The least slack over every point a reservation due on `from_day` must not break: the
+-- point of its own day (everything due by then) and every later one. `from_day` nil: due
+-- now (an undated reservation), the now point and every day.
+local function phased_min(base, pts, from_day)
+  local m = base
+  if from_day ~= nil then
+    for _, pt in ipairs(pts) do
+      if pt[1] <= from_day then m = pt[2] else break end
+    end
+  end
+  for _, pt in ipairs(pts) do
+    if (from_day == nil or pt[1] > from_day) and pt[2] < m then m = pt[2] end
+  end
+  return m
+end
+
+-- The earliest day (>= today) on which `need` units (qty + safety stock + protections) can
+-- be promised, or nil when no day of the known schedule can.
+local function promise_day(base, pts, today, need)
+  if phased_min(base, pts, today) >= need then return today end
+  for _, pt in ipairs(pts) do
+    if pt[1] > today and phased_min(base, pts, pt[1]) >= need then return pt[1] end
+  end
+  return nil
+end
+
+-- The least slack of a position over all its points: committed <= on_hand - safety_stock
+-- at every point is I1 in its time-phased form (DESIGN.md: future-dated promises may
+-- count inbound due by their date). Without dated commitments it is on_hand - committed.
+local function position_slack(lk, p, now)
+  if p.dated == 0 or not lk.sch then return p.on_hand - p.committed end
+  local base, pts = phased_points(lk.sch, p, today_of(now))
+  return phased_min(base, pts, nil)
 end
 
 -- The shortage rule (I6), the one place that decides who loses when a position can no
@@ -172,8 +253,9 @@ end
 -- nil when it is covered. check_cover raises it on the outbox.
 local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
   local p = read_pos(lk.pos)
-  if p and p.committed > p.on_hand - p.safety_stock then
-    local shortfall = p.committed - (p.on_hand - p.safety_stock)
+  local slack = p and position_slack(lk, p, now)
+  if p and slack < p.safety_stock then
+    local shortfall = p.safety_stock - slack
     local ex = { kind = 'oversell', cause = cause, sku = sku, location = loc,
       on_hand = p.on_hand, committed = p.committed, safety_stock = p.safety_stock,
       shortfall = shortfall }
@@ -250,10 +332,11 @@ local function reclaim_expired(cfg, lk, e, sku, loc, now, limit)
 end
 
 -- What reclaim_expired would give back on one position, without writing: units per
--- channel and per customer (explain and availability show ATP as the next reserve sees it).
+-- channel, per customer and per requested day of dated holds (explain and availability
+-- show ATP as the next reserve sees it).
 local function reclaimable(lk, res_key, sku, loc, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', lk.hx, '-inf', now, 'LIMIT', 0, limit)
-  local total, by_ch, by_cu = 0, {}, {}
+  local total, by_ch, by_cu, by_rd = 0, {}, {}, {}
   for _, rid in ipairs(ids) do
     local raw = redis.call('HGET', res_key, rid)
     if raw then
@@ -265,12 +348,13 @@ local function reclaimable(lk, res_key, sku, loc, now, limit)
             total = total + open
             by_ch[part.ch] = (by_ch[part.ch] or 0) + open
             if part.cu and part.cu ~= '' then by_cu[part.cu] = (by_cu[part.cu] or 0) + open end
+            if part.rd then by_rd[part.rd] = (by_rd[part.rd] or 0) + open end
           end
         end
       end
     end
   end
-  return total, by_ch, by_cu
+  return total, by_ch, by_cu, by_rd
 end
 
 -- ATP of one position for channel `ch` (DESIGN.md, I6):
@@ -298,8 +382,8 @@ local function bucket_rules_version(stats_key)
 end
 
 -- Walk KEYS for a reservation call: optional index key, then per part five bucket keys
--- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and four
--- keys per candidate position (pos, hx, log, lx). A line has one candidate unless reserve
+-- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and five
+-- keys per candidate position (pos, hx, log, lx, sch). A line has one candidate unless reserve
 -- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
 -- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
 -- and a refusal when KEYS does not match the request.
@@ -321,8 +405,9 @@ local function part_keys(with_index, parts)
       if nc < 1 or nc > 64 then return nil, refuse('bad_request', 'a line has 1 to 64 candidate locations') end
       local cs = {}
       for ci = 1, nc do
-        cs[ci] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2], lx = KEYS[k + 3], agg = agg }
-        k = k + 4
+        cs[ci] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2], lx = KEYS[k + 3],
+                   sch = KEYS[k + 4], agg = agg }
+        k = k + 5
       end
       e.lines[li] = cs[1]
       e.cands[li] = cs

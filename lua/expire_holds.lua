@@ -10,7 +10,7 @@ KEYS:
   [3] events bucket outbox stream
   [4] stats  bucket hash of unit totals
   [5] exc    bucket hash of exceptions (not written here)
-  then, per candidate, per line of its part: agg | pos | hx | log | lx
+  then, per candidate, per line of its part: agg | pos | hx | log | lx | sch
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {ids:[{id, n}]}     n = the line count the worker saw on the part
@@ -26,7 +26,7 @@ if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a lis
 local want = 5
 for _, c in ipairs(req.ids) do
   if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
-  want = want + 5 * c.n
+  want = want + 6 * c.n
 end
 if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the candidates') end
 local res_key, holds_key, ev_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -41,8 +41,9 @@ for _, c in ipairs(req.ids) do
      (rec.st == 'expired' or (rec.st == 'held' and rec.ex > 0 and rec.ex <= now)) then
     local changed = false
     for li, l in ipairs(rec.lines) do
-      local o = k + 5 * (li - 1)
-      local lk = { agg = KEYS[o], pos = KEYS[o + 1], hx = KEYS[o + 2], log = KEYS[o + 3], lx = KEYS[o + 4] }
+      local o = k + 6 * (li - 1)
+      local lk = { agg = KEYS[o], pos = KEYS[o + 1], hx = KEYS[o + 2], log = KEYS[o + 3], lx = KEYS[o + 4],
+                   sch = KEYS[o + 5] }
       local open = line_open(l)
       if open > 0 then
         uncommit(cfg, lk, rec, open, 'expire', 'hold expired', now)
@@ -70,6 +71,6 @@ for _, c in ipairs(req.ids) do
   elseif not rec or (rec.st ~= 'held' and rec.st ~= 'expired') then
     redis.call('ZREM', holds_key, c.id)
   end
-  k = k + 5 * c.n
+  k = k + 6 * c.n
 end
 return cjson.encode({ ok = 1, expired = expired, units = units })

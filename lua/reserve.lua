@@ -10,11 +10,13 @@ KEYS (walked by part_keys):
     then, per line of p: agg  the SKU's totals hash (committed per channel and customer)
       then per candidate location of the line (one unless routed):
         pos  position hash | hx  position hold zset | log  position stream | lx  live index
+        sch  dated schedule (inbound due and dated commitments per day)
 ARGV:
   [1] cfg  JSON {max_qty, max_lines, max_hold, reclaim, log_max, ev_max, actor, source}
   [2] req  JSON {id, ch, hold (ms, 0 = confirmed at once), fp (request fingerprint),
                  idx (bool), home (bucket), rv (rules version the caller resolved with),
-                 cu (customer id, optional),
+                 cu (customer id, optional), rd (requested day, optional: UTC days since
+                 1970-01-01; a day before today is taken as today),
                  parts:[{b, n, c (optional: candidates per line),
                    lines:[{sku, qty, loc | locs:[loc…] (routed, in the channel's order),
                            split (bool, routed only), pr ([ [channel, protected]… ] per candidate,
@@ -23,8 +25,15 @@ Returns JSON:
   {"ok":1,"replay":0,"st":status,"cr":ms,"ex":ms,"rv":N}   accepted; when a line was routed
         also "lines": [ [sku, loc, qty] … ] (every line as taken, part by part)
   {"ok":1,"replay":1,"parts":[part…]}                the same request again: its parts
-  {"err":"insufficient","lines":[{sku,location,requested,available,limited_by}]}
-        limited_by: "stock", "protection" (other channels' protected units) or "cap"
+  {"err":"insufficient","lines":[{sku,location,requested,available,limited_by,promise_day}]}
+        limited_by: "stock", "protection" (other channels' protected units) or "cap";
+        promise_day: the earliest day the inbound schedule can give the line (a line with a
+        location, not limited by its cap), absent when none can
+Time-phased ATP: a reservation with a requested day is accepted when, at its day and every
+later point of the position's schedule, on hand + inbound due by then - commitments due by
+then - safety stock - other channels' protections >= 0 (phased_points in _lib); one without
+a date is due now: the same check from the now point (the shelf) on, which is the plain
+on_hand - committed - safety_stock - protections when nothing dated is committed.
   {"err":"buyer_limit","sku","limit","held","requested"}
   {"err":"customer_required","sku"}                  a buyer limit applies, no customer id
   {"err":"unknown_position","lines":[{sku,location}]}
@@ -46,6 +55,7 @@ if not is_int(req.hold, 0, cfg.max_hold) then return refuse('bad_request', 'hold
 if not is_text(req.fp, 128) then return refuse('bad_request', 'missing request fingerprint') end
 if not is_int(req.rv, 0, 1e15) then return refuse('bad_request', 'rv must be a rules version') end
 if req.cu ~= nil and not is_text(req.cu, 128) then return refuse('bad_request', 'customer id must be 1-128 characters') end
+if req.rd ~= nil and not is_int(req.rd, 0, 1e6) then return refuse('bad_request', 'rd must be a day number') end
 local shape_err = validate_parts_shape(req, cfg.max_lines)
 if shape_err then return refuse('bad_request', shape_err) end
 local seen, seen_b, routed_sku, sku_lines, nlines = {}, {}, {}, {}, 0
@@ -136,6 +146,8 @@ if prior then
 end
 
 local now = now_ms()
+local today = today_of(now)
+if req.rd ~= nil and req.rd < today then req.rd = today end
 
 -- reclaim expired holds on the positions this call may touch (bounded), then decide
 for pi, p in ipairs(req.parts) do
@@ -179,6 +191,7 @@ for pi, p in ipairs(req.parts) do
   for li, l in ipairs(p.lines) do
     local locs = l.locs or { l.loc }
     local avail, raw_ok, any = {}, false, false
+    local sched = nil  -- the first candidate's schedule and deductions (promise day)
     onh[pi][li] = {}
     for ci, lk in ipairs(pk[pi].cands[li]) do
       local pos = read_pos(lk.pos)
@@ -186,14 +199,21 @@ for pi, p in ipairs(req.parts) do
         any = true
         onh[pi][li][ci] = pos.on_hand
         local prs = l.pr and l.pr[ci]
-        local a = pos.on_hand - pos.committed - pos.safety_stock
+        local slack, base, pts = pos.on_hand - pos.committed, nil, nil
+        if req.rd ~= nil or pos.dated > 0 then
+          base, pts = phased_points(lk.sch, pos, today)
+          slack = phased_min(base, pts, req.rd)
+        end
+        local prot = 0
         if prs then
-          a = channel_atp(pos, req.ch, prs, function(g)
+          local _
+          _, prot = channel_atp(pos, req.ch, prs, function(g)
             return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
           end)
         end
-        avail[ci] = math.max(0, a)
-        if pos.on_hand - pos.committed - pos.safety_stock >= l.qty then raw_ok = true end
+        avail[ci] = math.max(0, slack - pos.safety_stock - prot)
+        if slack - pos.safety_stock >= l.qty then raw_ok = true end
+        if ci == 1 then sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot } end
       else
         avail[ci] = 0
       end
@@ -227,7 +247,14 @@ for pi, p in ipairs(req.parts) do
         if cl ~= nil and cl < av then av = math.max(0, cl) end
         local loc = l.loc
         if l.locs then loc = cjson.null end
-        short[#short + 1] = { sku = l.sku, location = loc, requested = l.qty, available = av, limited_by = limited }
+        local sl = { sku = l.sku, location = loc, requested = l.qty, available = av, limited_by = limited }
+        -- when could it be had? (a located line, not held back by its cap)
+        if not l.locs and limited ~= 'cap' and sched and sched.pos.inbound > 0 then
+          local base, pts = sched.base, sched.pts
+          if not pts then base, pts = phased_points(sched.lk.sch, sched.pos, today) end
+          sl.promise_day = promise_day(base, pts, today, sched.need)
+        end
+        short[#short + 1] = sl
       end
       plan[pi][li] = take
     end
@@ -253,6 +280,7 @@ for pi, p in ipairs(req.parts) do
   local rec = { id = req.id, ch = req.ch, st = st, cr = now, ex = ex, up = now, fp = req.fp,
                 home = req.home, parts = buckets, rv = req.rv, lines = {}, ful = {} }
   if req.cu then rec.cu = req.cu end
+  if req.rd ~= nil then rec.rd = req.rd end
   local member = lx_member(rec)
   local ls, units = {}, 0
   for li, l in ipairs(p.lines) do
@@ -287,5 +315,6 @@ if idx then
 end
 local tail = ''
 if routed then tail = ',"lines":' .. cjson.encode(taken) end
+if req.rd ~= nil then tail = tail .. ',"rd":' .. string.format('%d', req.rd) end
 return '{"ok":1,"replay":0,"st":"' .. st .. '","cr":' .. string.format('%d', now) ..
   ',"ex":' .. string.format('%d', ex) .. ',"rv":' .. string.format('%d', req.rv) .. tail .. '}'

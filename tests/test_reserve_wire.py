@@ -265,13 +265,11 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rule
         want_keys += [bk.res, bk.holds, bk.events, bk.stats, bk.exc]
         for sku, loc, _q, cands, *_ in sl:
             if cands is None:
-                pk = core.keys.position(sku, loc or "")
-                want_keys += [pk.sku, pk.pos, pk.hx, pk.log, pk.lx]
+                want_keys += core.keys.position(sku, loc or "").line()
             else:
                 want_keys.append(core.keys.sku(sku))
                 for c in cands:
-                    ck = core.keys.position(sku, c)
-                    want_keys += [ck.pos, ck.hx, ck.log, ck.lx]
+                    want_keys += core.keys.position(sku, c).candidate()
     assert len(sent) == 2
     for name, keys, args in sent:
         assert name == "reserve"

@@ -86,19 +86,15 @@ async def test_call_reloads_after_flush(atp: ATP) -> None:
 
 
 def _set_call(core: ATP, sku: str, on_hand: int) -> tuple[str, list[str], list[str]]:
-    k = core.keys.position(sku, "W1")
     b = core.keys.bucket(sku)
-    bk = core.keys.bucket_keys(b)
     req = {"sku": sku, "loc": "W1", "b": b, "on_hand": on_hand, "reason": "bulk"}
-    keys = [k.pos, k.log, bk.events, k.lx, bk.res, bk.stats, bk.exc]
+    keys = list(core._cover_keys(sku, "W1"))
     return "set_position", keys, [core._cfg("", ""), json.dumps(req)]
 
 
 def _receive_call(core: ATP, sku: str, qty: int) -> tuple[str, list[str], list[str]]:
-    k = core.keys.position(sku, "W1")
-    ev = core.keys.events(core.keys.bucket(sku))
-    req = {"sku": sku, "loc": "W1", "qty": qty, "ref": "PO"}
-    return "receive", [k.pos, k.log, ev], [core._cfg("", ""), json.dumps(req)]
+    req = {"sku": sku, "loc": "W1", "b": core.keys.bucket(sku), "qty": qty, "ref": "PO"}
+    return "receive", list(core._supply_keys(sku, "W1")), [core._cfg("", ""), json.dumps(req)]
 
 
 async def _on_hand(core: ATP, sku: str) -> int:

@@ -816,11 +816,10 @@ class ATPMachine(RuleBasedStateMachine):
     def _raw_position(self, name: str, p: Pos, **req: Any) -> tuple[str, list[str], dict[str, Any]]:
         ks = self.core.keys
         b = ks.bucket(p[0])
-        bk, pk = ks.bucket_keys(b), ks.position(*p)
-        if name == "receive":  # pos, log, events
-            return name, [pk.pos, pk.log, bk.events], {"sku": p[0], "loc": p[1], **req}
-        # set_position and adjust: pos, log, events, lx, res, stats, exc, and the bucket
-        keys = [pk.pos, pk.log, bk.events, pk.lx, bk.res, bk.stats, bk.exc]
+        if name == "receive":
+            keys = list(self.core._supply_keys(*p))
+        else:  # set_position and adjust
+            keys = list(self.core._cover_keys(*p))
         return name, keys, {"sku": p[0], "loc": p[1], "b": b, **req}
 
     def _raw_reservation(

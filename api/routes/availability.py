@@ -17,8 +17,10 @@ from ..schemas import (
     AvailabilityOut,
     Channel,
     CustomerId,
+    Day,
     ExplanationOut,
     Ident,
+    PromiseOut,
     problem_responses,
 )
 
@@ -83,15 +85,54 @@ async def explain(
     soon_seconds: Annotated[
         int, Query(ge=1, le=86_400, description="list holds that expire within this window")
     ] = 300,
+    requested_date: Annotated[
+        Day | None, Query(description="ATP for a reservation wanted on this date (time-phased)")
+    ] = None,
+    qty: Annotated[
+        int | None, Query(ge=1, le=1_000_000_000, description="also answer its promise date")
+    ] = None,
 ) -> JSONResponse:
-    """Why ATP is what it is for one channel at one position: the figures reserve uses."""
+    """Why ATP is what it is for one channel at one position: the figures reserve uses,
+    with the time-phased schedule (inbound due and dated promises per day)."""
     _may_read(who, channel)
     e = await core_of(request).explain(
-        sku, location, channel, customer_id=customer_id, soon_seconds=soon_seconds
+        sku,
+        location,
+        channel,
+        customer_id=customer_id,
+        soon_seconds=soon_seconds,
+        requested_date=requested_date,
+        qty=qty,
     )
     if e is None:
         raise UnknownPosition(f"no position for {sku} at {location}")
     return JSONResponse(convert.explanation(e))
+
+
+@router.get(
+    "/promise",
+    response_model=PromiseOut,
+    responses=problem_responses(401, 403, 404, 422),
+)
+async def promise(
+    request: Request,
+    who: Caller,
+    sku: Annotated[Ident, Query()],
+    location: Annotated[Ident, Query()],
+    channel: Annotated[Channel, Query()],
+    qty: Annotated[int, Query(ge=1, le=1_000_000_000)],
+    customer_id: Annotated[
+        CustomerId | None, Query(description="also apply the buyer limit left to this buyer")
+    ] = None,
+) -> JSONResponse:
+    """The earliest date (UTC) a reservation of ``qty`` would be accepted now, from on hand
+    and the inbound schedule, after everything promised, safety stock, protections, cap and
+    buyer limit; ``promise_date`` is null when no known date gives it."""
+    _may_read(who, channel)
+    p = await core_of(request).promise(sku, location, channel, qty, customer_id=customer_id)
+    if not p.exists:
+        raise UnknownPosition(f"no position for {sku} at {location}")
+    return JSONResponse(convert.promise(p))
 
 
 # The fast lane (api/lane.py): the parameters exactly once each (sku: 1 to 500 times) and

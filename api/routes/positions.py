@@ -6,13 +6,17 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from atp.apikeys import Principal
-from atp.errors import UnknownPosition
+from atp.errors import InvalidRequest, UnknownPosition
 
 from .. import convert
 from ..deps import Admin, Reader, core_of, require_any
 from ..schemas import (
     AdjustBody,
     Ident,
+    InboundAmend,
+    InboundBody,
+    InboundPage,
+    InboundResultOut,
     MovementsPage,
     PositionOut,
     PositionSet,
@@ -69,11 +73,103 @@ async def receive(
     request: Request,
     who: Annotated[Principal, Depends(require_any("fulfil"))],
 ) -> JSONResponse:
-    """Receive inbound units against a reference (PO, ASN)."""
+    """Receive inbound units against a reference (PO, ASN). When the reference is an open
+    expected receipt of the position, the units come off what is still expected; it closes
+    when nothing more is expected, or at once with ``close`` (a short shipment)."""
     p = await core_of(request).receive(
-        sku, location, body.qty, reference=body.reference, actor=who.key_id, source="api"
+        sku,
+        location,
+        body.qty,
+        reference=body.reference,
+        close=body.close,
+        actor=who.key_id,
+        source="api",
     )
     return JSONResponse(convert.position(p))
+
+
+@router.post(
+    "/{sku}/{location}/inbound",
+    status_code=201,
+    response_model=InboundResultOut,
+    responses={
+        200: {"model": InboundResultOut, "description": "the same request again: nothing changed"},
+        **BODY_ERRORS,
+    },
+)
+async def expect_inbound(
+    sku: SkuPath, location: LocPath, body: InboundBody, request: Request, who: Admin
+) -> JSONResponse:
+    """Record an expected receipt: ``qty`` units due at ``expected_at`` (they count as supply
+    for reservations with a requested date from that UTC day on). The same request again
+    answers 200 and changes nothing; the same reference with other figures is 409."""
+    r = await core_of(request).expect_inbound(
+        sku,
+        location,
+        body.reference,
+        body.qty,
+        body.expected_at,
+        actor=who.key_id,
+        source="api",
+    )
+    return JSONResponse(convert.inbound_result(r), status_code=200 if r.replayed else 201)
+
+
+@router.get("/{sku}/{location}/inbound", response_model=InboundPage, responses=ERRORS)
+async def list_inbound(
+    sku: SkuPath, location: LocPath, request: Request, who: Reader
+) -> JSONResponse:
+    """The position's open expected receipts, soonest first."""
+    items = await core_of(request).inbound(sku, location)
+    return JSONResponse({"items": [convert.inbound(i) for i in items]})
+
+
+@router.patch(
+    "/{sku}/{location}/inbound/{reference:path}",
+    response_model=InboundResultOut,
+    responses=BODY_ERRORS,
+)
+async def amend_inbound(
+    sku: SkuPath,
+    location: LocPath,
+    reference: Annotated[str, Path(min_length=1, max_length=200)],
+    body: InboundAmend,
+    request: Request,
+    who: Admin,
+) -> JSONResponse:
+    """Amend an open expected receipt: ``qty`` still expected and/or ``expected_at``. Less
+    supply, or later, that leaves dated promises uncovered raises an oversell exception."""
+    if body.qty is None and body.expected_at is None:
+        raise InvalidRequest("give qty or expected_at to amend", field="qty")
+    r = await core_of(request).amend_inbound(
+        sku,
+        location,
+        reference,
+        qty=body.qty,
+        expected_at=body.expected_at,
+        actor=who.key_id,
+        source="api",
+    )
+    return JSONResponse(convert.inbound_result(r))
+
+
+@router.delete(
+    "/{sku}/{location}/inbound/{reference:path}",
+    response_model=InboundResultOut,
+    responses=ERRORS,
+)
+async def cancel_inbound(
+    sku: SkuPath,
+    location: LocPath,
+    reference: Annotated[str, Path(min_length=1, max_length=200)],
+    request: Request,
+    who: Admin,
+) -> JSONResponse:
+    """Cancel an open expected receipt: its units leave the schedule."""
+    r = await core_of(request).cancel_inbound(
+        sku, location, reference, actor=who.key_id, source="api"
+    )
+    return JSONResponse(convert.inbound_result(r))
 
 
 @router.get("/{sku}/{location}", response_model=PositionOut, responses=ERRORS)

@@ -45,6 +45,7 @@ async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, An
             customer_id=body.customer_id,
             region=body.region,
             allow_split=body.allow_split,
+            requested_date=body.requested_date,
             actor=who.key_id,
             source="api",
         )

@@ -94,6 +94,22 @@ OPS = [
         params={"sku": "SKU-1", "location": "DC1", "channel": "web"},
     ),
     Op("verify", "GET", "/v1/verify"),
+    Op(
+        "expect_inbound",
+        "POST",
+        "/v1/positions/SKU-1/DC1/inbound",
+        {"reference": "PO-2", "qty": 3, "expected_at": "2030-01-02"},
+        ok=201,
+    ),
+    Op("list_inbound", "GET", "/v1/positions/SKU-1/DC1/inbound"),
+    Op("amend_inbound", "PATCH", "/v1/positions/SKU-1/DC1/inbound/PO-9", {"qty": 4}),
+    Op("cancel_inbound", "DELETE", "/v1/positions/SKU-1/DC1/inbound/PO-9"),
+    Op(
+        "promise_web",
+        "GET",
+        "/v1/availability/promise",
+        params={"sku": "SKU-1", "location": "DC1", "channel": "web", "qty": 1},
+    ),
 ]
 
 # what each role gets on each operation: OK (the operation's success status) or (status, type)
@@ -144,6 +160,11 @@ EXPECT: dict[str, dict[str, Any]] = {
     "get_rules": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
     # as availability: the read scope, or the channel's own reserve scope
     "explain_web": {"admin": OK, "read": OK, "web": OK, "mkt": FORBIDDEN, "fulfil": FORBIDDEN},
+    "promise_web": {"admin": OK, "read": OK, "web": OK, "mkt": FORBIDDEN, "fulfil": FORBIDDEN},
+    "expect_inbound": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "list_inbound": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "amend_inbound": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "cancel_inbound": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
     "verify": {
         "admin": OK,
         "read": FORBIDDEN,
@@ -177,6 +198,12 @@ async def book(client: httpx.AsyncClient, admin: Headers, seed: Seed) -> None:
         }
         r = await client.post("/v1/reservations", json=body, headers=admin)
         assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/positions/SKU-1/DC1/inbound",
+        json={"reference": "PO-9", "qty": 5, "expected_at": "2030-01-01"},
+        headers=admin,
+    )
+    assert r.status_code == 201, r.text
 
 
 def test_the_matrix_covers_every_route(app: FastAPI) -> None:
@@ -208,6 +235,11 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         ("POST", "/v1/counts"),
         ("GET", "/v1/counts/{batch_id}"),
         ("GET", "/v1/verify"),
+        ("POST", "/v1/positions/{sku}/{location}/inbound"),
+        ("GET", "/v1/positions/{sku}/{location}/inbound"),
+        ("PATCH", "/v1/positions/{sku}/{location}/inbound/{reference}"),
+        ("DELETE", "/v1/positions/{sku}/{location}/inbound/{reference}"),
+        ("GET", "/v1/availability/promise"),
     }
     assert protected == templated
 

@@ -20,6 +20,8 @@ POSITION_FIELDS = {
     "safety_stock",
     "available",
     "committed_by_channel",
+    "in_transit",
+    "committed_dated",
 }
 RESERVATION_FIELDS = {
     "reservation_id",
@@ -31,6 +33,7 @@ RESERVATION_FIELDS = {
     "updated_at",
     "customer_id",
     "rules_version",
+    "requested_date",
 }
 LINE_FIELDS = {"sku", "location", "qty", "shipped", "short", "released", "open"}
 
@@ -73,6 +76,8 @@ async def test_put_position_answers_the_position(client: httpx.AsyncClient, admi
         "safety_stock": 5,
         "available": 95,
         "committed_by_channel": {},
+        "in_transit": 0,
+        "committed_dated": 0,
     }
     # safety stock omitted keeps the current figure
     r = await client.put(
@@ -128,6 +133,8 @@ async def test_get_position(client: httpx.AsyncClient, admin: Headers, seed: See
         "safety_stock": 2,
         "available": 4,
         "committed_by_channel": {"web": 3, "marketplace": 1},
+        "in_transit": 0,
+        "committed_dated": 0,
     }
 
 
