@@ -27,6 +27,7 @@ def position(p: Position) -> dict[str, Any]:
         "committed_by_channel": p.committed_by_channel,
         "in_transit": p.in_transit,
         "committed_dated": p.committed_dated,
+        "backordered": p.backordered,
     }
 
 
@@ -142,4 +143,6 @@ def explanation(e: Explanation) -> dict[str, Any]:
         ],
         "promise_date": e.promise_date.isoformat() if e.promise_date else None,
         "promise_blocked_by": e.promise_blocked_by,
+        "backorders_ahead": e.backorders_ahead,
+        "backordered": e.backordered,
     }

@@ -91,6 +91,7 @@ class PositionOut(BaseModel):
     committed_by_channel: dict[str, int]
     in_transit: int = Field(description="units of open expected receipts, not yet on hand")
     committed_dated: int = Field(description="the part of committed promised for a date")
+    backordered: int = Field(description="units backorders wait for (not committed)")
 
 
 class InboundBody(Strict):
@@ -236,6 +237,10 @@ class ExplanationOut(BaseModel):
     )
     promise_date: str | None
     promise_blocked_by: str | None
+    backorders_ahead: int = Field(
+        description="units backorders of this channel's priority or above wait for (not in atp)"
+    )
+    backordered: int
 
 
 class LineIn(Strict):
@@ -267,6 +272,11 @@ class ReserveBody(Strict):
         description="the date the units are wanted (UTC; time-phased: may count inbound due "
         "by then); null: now, from the shelf",
     )
+    on_short: Literal["refuse", "backorder"] = Field(
+        default="refuse",
+        description="backorder: when short, wait in the position's queue (status backordered) "
+        "until supply fills it; one line at a location, no hold, no requested_date",
+    )
 
 
 class ReservationLineOut(BaseModel):
@@ -282,7 +292,7 @@ class ReservationLineOut(BaseModel):
 class ReservationOut(BaseModel):
     reservation_id: str
     channel: str
-    status: Literal["held", "confirmed", "fulfilled", "released", "expired"]
+    status: Literal["held", "confirmed", "fulfilled", "released", "expired", "backordered"]
     lines: list[ReservationLineOut]
     created_at: str
     expires_at: str | None
@@ -290,6 +300,10 @@ class ReservationOut(BaseModel):
     customer_id: str | None
     rules_version: int = Field(description="the allocation rules version that decided it")
     requested_date: str | None = None
+    backordered: bool = Field(
+        default=False, description="it waited (or waits) in a backorder queue"
+    )
+    filled_at: str | None = Field(default=None, description="when supply filled the backorder")
 
 
 class ReleaseBody(Strict):

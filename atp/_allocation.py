@@ -120,6 +120,8 @@ class AllocationMixin(CoreBase):
             ),
             promise_date=date_of(r["promise_day"]) if r.get("promise_day") is not None else None,
             promise_blocked_by=r.get("promise_blocked_by"),
+            backorders_ahead=int(r.get("backorders_ahead", 0)),
+            backordered=int(r.get("backordered", 0)),
         )
 
     async def promise(
@@ -183,7 +185,7 @@ class AllocationMixin(CoreBase):
                 for i in idxs:
                     sku, loc = pairs[i]
                     b = self.keys.bucket(sku)
-                    lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx, sch
+                    lk = self._line_keys(sku, loc)  # agg, pos, hx, log, lx, sch, bq
                     bk = self._bucket_keys(b)  # res, holds, events, stats, exc
                     keys += (bk[3], bk[0], lk[1], lk[2], lk[0], lk[5])
                     item: dict[str, Any] = {"sku": sku, "loc": loc}
@@ -208,6 +210,8 @@ class AllocationMixin(CoreBase):
                     req["cu"] = customer_id
                 if rd is not None:
                     req["rd"] = rd
+                if rules.version and rules.priority(channel):
+                    req["pp"] = rules.priority(channel)
                 if qty is not None:
                     req["qty"] = qty
                 calls.append((idxs, keys, req))

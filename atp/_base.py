@@ -133,7 +133,7 @@ class CoreBase:
                 keys += self._line_keys(ln[0], ln[1])
         return keys
 
-    def _make_line_keys(self, sku: str, location: str) -> tuple[str, str, str, str, str, str]:
+    def _make_line_keys(self, sku: str, location: str) -> tuple[str, str, str, str, str, str, str]:
         return self.keys.position(sku, location).line()
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:

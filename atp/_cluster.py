@@ -46,6 +46,8 @@ class ClusterMixin(AllocationMixin):
         rv: int,
         cfg: str,
         rd: int | None = None,
+        pp: int = 0,
+        backorder: bool = False,
     ) -> Reservation:
         idx_key = self.keys.index(rid)
         index: dict[str, Any] = {
@@ -72,7 +74,18 @@ class ClusterMixin(AllocationMixin):
         for b, sl in specs.items():
             keys = self._spec_keys(None, {b: sl})
             req = _reserve_req_json(
-                rid, channel, hold * 1000, fp, home, rv, customer, {b: sl}, idx=False, rd=rd
+                rid,
+                channel,
+                hold * 1000,
+                fp,
+                home,
+                rv,
+                customer,
+                {b: sl},
+                idx=False,
+                rd=rd,
+                pp=pp,
+                backorder=backorder,
             )
             try:
                 out = decode(await self._call("reserve", keys, (cfg, req)))
@@ -100,6 +113,8 @@ class ClusterMixin(AllocationMixin):
         ]
         ex = cr + hold * 1000 if hold else 0
         out = {"st": "held" if hold else "confirmed", "cr": cr, "ex": ex, "rv": rv, "lines": lines}
+        if any(o.get("st") == "backordered" for o in outs):  # one part: it waits in its queue
+            out["st"] = "backordered"
         if rd is not None:  # as the scripts took it (a past day is today)
             out["rd"] = max(o.get("rd", rd) for o in outs)
         return _fresh(rid, channel, specs, out, customer)

@@ -91,8 +91,8 @@ class ReconcileMixin(CoreBase):
                     for _, r in members:
                         # not through the reserve path's cache: a count names each
                         # position once, and would only push the hot ones out of it
-                        _, pos, _, log, lx, sch = self._make_line_keys(r.sku, r.location)
-                        keys += (pos, log, lx, sch)
+                        agg, pos, _, log, lx, sch, bq = self._make_line_keys(r.sku, r.location)
+                        keys += (pos, log, lx, sch, agg, bq)
                     req_groups.append(
                         {
                             "b": b,

@@ -45,10 +45,12 @@ class SupplyMixin(CoreBase):
     """Expected receipts and receipts (see the module docstring)."""
 
     def _supply_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of inbound.lua and receive.lua: pos, log, events, lx, res, stats, exc, sch, ib."""
-        _, pos, _, log, lx, sch = self._line_keys(sku, location)
+        """KEYS of inbound.lua and receive.lua: pos, log, events, lx, res, stats, exc, sch,
+        ib, agg, bq."""
+        agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
         res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res, stats, exc, sch, self.keys.position(sku, location).ib)
+        ib = self.keys.position(sku, location).ib
+        return (pos, log, events, lx, res, stats, exc, sch, ib, agg, bq)
 
     async def _supply(
         self, script: str, sku: str, location: str, req: dict[str, Any], actor: str, source: str

@@ -48,16 +48,20 @@ def _reserve_fp_json(
     region: str | None = None,
     split: bool | None = None,
     rd: int | None = None,
+    backorder: bool = False,
 ) -> str:
-    """``_dumps([channel, hold, lines])`` (plus ``{"cu","rg","sp"[,"rd"]}`` when the request
-    gives a customer, region, split choice or requested day): what a reserve request's
-    fingerprint hashes. A routed line's location is ``""``."""
+    """``_dumps([channel, hold, lines])`` (plus ``{"cu","rg","sp"[,"rd"][,"bo"]}`` when the
+    request gives a customer, region, split choice, requested day or asks to be
+    backordered): what a reserve request's fingerprint hashes. A routed line's location
+    is ``""``."""
     body = ",".join([f'["{sku}","{loc}",{qty:d}]' for sku, loc, qty in lines])
-    if customer is None and region is None and split is None and rd is None:
+    if customer is None and region is None and split is None and rd is None and not backorder:
         return f'["{channel}",{hold:d},[{body}]]'
     eo: dict[str, Any] = {"cu": customer, "rg": region, "sp": split}
     if rd is not None:
         eo["rd"] = rd
+    if backorder:
+        eo["bo"] = True
     extra = _dumps(eo)
     return f'["{channel}",{hold:d},[{body}],{extra}]'
 
@@ -120,14 +124,20 @@ def _reserve_req_json(
     *,
     idx: bool = True,
     rd: int | None = None,
+    pp: int = 0,
+    backorder: bool = False,
 ) -> str:
     """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, rv, [cu], [rd],
-    parts: [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap], [bl]}]}]}, in
-    that key order."""
+    [pp], [bo], parts: [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap],
+    [bl]}]}]}, in that key order."""
     ps = ",".join([_part_json(b, sp) for b, sp in specs.items()])
     cu = "" if customer is None else f',"cu":"{customer}"'
     if rd is not None:
         cu += f',"rd":{rd:d}'
+    if pp:
+        cu += f',"pp":{pp:d}'
+    if backorder:
+        cu += ',"bo":true'
     return (
         f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}",'
         f'"idx":{"true" if idx else "false"},"home":{home:d},"rv":{rv:d}{cu},"parts":[{ps}]}}'
@@ -160,7 +170,8 @@ def _s(v: Any) -> str:
 
 def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
     p: dict[str, Any] = {
-        "on_hand": 0, "committed": 0, "safety_stock": 0, "inbound": 0, "dated": 0, "ch": {}
+        "on_hand": 0, "committed": 0, "safety_stock": 0, "inbound": 0, "dated": 0, "bo": 0,
+        "ch": {},
     }  # fmt: skip
     for f, v in flat.items():
         name = _s(f)
@@ -171,7 +182,7 @@ def _hash_to_pos(flat: dict[Any, Any]) -> dict[str, Any]:
     return p
 
 
-_POS_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated"})
+_POS_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated", "bo"})
 _MOVEMENT_FIELDS = frozenset(
     {"at", "kind", "reason", "actor", "source", "ref", "rid", "channel", "on_hand_before",
      "on_hand_after", "committed_before", "committed_after"}
@@ -189,6 +200,7 @@ def _position(sku: str, location: str, p: dict[str, Any]) -> Position:
         committed_by_channel={k: int(v) for k, v in ch.items()} if isinstance(ch, dict) else {},
         in_transit=int(p.get("inbound", 0)),
         committed_dated=int(p.get("dated", 0)),
+        backordered=int(p.get("bo", 0)),
     )
 
 
@@ -251,6 +263,7 @@ def _fresh(
         customer_id=customer,
         rules_version=int(out.get("rv", 0)),
         requested_date=date_of(out["rd"]) if out.get("rd") is not None else None,
+        backordered=out["st"] == "backordered",
     )
 
 
@@ -260,7 +273,7 @@ def _original(current: Reservation, hold_seconds: int) -> Reservation:
     return Reservation(
         id=current.id,
         channel=current.channel,
-        status="held" if hold_seconds else "confirmed",
+        status="backordered" if current.backordered else "held" if hold_seconds else "confirmed",
         lines=tuple(ReservationLine(ln.sku, ln.location, ln.qty) for ln in current.lines),
         created_at=current.created_at,
         expires_at=current.created_at + timedelta(seconds=hold_seconds) if hold_seconds else None,
@@ -269,10 +282,11 @@ def _original(current: Reservation, hold_seconds: int) -> Reservation:
         customer_id=current.customer_id,
         rules_version=current.rules_version,
         requested_date=current.requested_date,
+        backordered=current.backordered,
     )
 
 
-_STATUS_ORDER = ("expired", "held", "confirmed", "released", "fulfilled")
+_STATUS_ORDER = ("expired", "backordered", "held", "confirmed", "released", "fulfilled")
 
 
 def _merged_status(parts: list[dict[str, Any]]) -> str:
@@ -317,4 +331,6 @@ def _reservation(out: dict[str, Any], now_ms: int | None = None) -> Reservation:
         customer_id=first.get("cu"),
         rules_version=int(first.get("rv", 0)),
         requested_date=date_of(first["rd"]) if first.get("rd") is not None else None,
+        backordered="bq" in first,
+        filled_at=ms_to_dt(first["fl"]) if first.get("fl") else None,
     )

@@ -60,6 +60,7 @@ __all__ = [
     "Refused",
     "RulesStale",
     "RulesVersionConflict",
+    "StillBackordered",
     "UnknownException",
     "UnknownInbound",
     "UnknownLine",
@@ -203,6 +204,13 @@ class NotConfirmed(InvalidTransition):
     code = "not_confirmed"
 
 
+class StillBackordered(InvalidTransition):
+    """The reservation waits in a backorder queue: it is confirmed when supply fills it,
+    and holds nothing to confirm or ship before (release cancels it)."""
+
+    code = "backordered"
+
+
 class IdempotencyConflict(ATPError):
     code = "idempotency_conflict"
 
@@ -242,6 +250,7 @@ SCRIPT_ERRORS: dict[str, type[ATPError]] = {
     "not_confirmed": NotConfirmed,
     "conflict": IdempotencyConflict,
     "buyer_limit": BuyerLimitExceeded,
+    "backordered": StillBackordered,
     "unknown_inbound": UnknownInbound,
     "inbound_exists": InboundExists,
     "customer_required": CustomerRequired,

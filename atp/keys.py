@@ -27,6 +27,10 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 their totals are ``inbound`` and ``dated`` in ``pos``
 ``{p b}:ib:<sku>|<loc>``        hash: reference -> JSON of an open expected receipt
                                 (qty still expected, expected time, received so far)
+``{p b}:bq:<sku>|<loc>``        zset: the position's backorder queue, ``<qty>:<id>``
+                                scored by channel priority, then arrival (the
+                                position keeps ``bo``, units waiting, ``bp:<prio>``
+                                per priority, and ``bqseq``, the arrival counter)
 ``{p b}:sku:<sku>``             hash: the SKU's commitments over all its locations,
                                 ``ch:<channel>`` (caps) and ``cu:<customer>`` (buyer
                                 limits)
@@ -97,15 +101,16 @@ class PositionKeys:
     sku: str
     sch: str
     ib: str
+    bq: str
 
-    def line(self) -> tuple[str, str, str, str, str, str]:
+    def line(self) -> tuple[str, str, str, str, str, str, str]:
         """A reservation line's keys in the scripts' order (``part_keys`` in lua/_lib.lua):
-        the SKU's totals, then the position's five keys."""
-        return (self.sku, self.pos, self.hx, self.log, self.lx, self.sch)
+        the SKU's totals, then the position's six keys."""
+        return (self.sku, self.pos, self.hx, self.log, self.lx, self.sch, self.bq)
 
-    def candidate(self) -> tuple[str, str, str, str, str]:
-        """One candidate location of a routed line: the position's five keys."""
-        return (self.pos, self.hx, self.log, self.lx, self.sch)
+    def candidate(self) -> tuple[str, str, str, str, str, str]:
+        """One candidate location of a routed line: the position's six keys."""
+        return (self.pos, self.hx, self.log, self.lx, self.sch, self.bq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,7 @@ class KeySpace:
             f"{t}:sku:{sku}",
             f"{t}:sch:{suffix}",
             f"{t}:ib:{suffix}",
+            f"{t}:bq:{suffix}",
         )
 
     def sku(self, sku: str) -> str:

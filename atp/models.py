@@ -35,7 +35,7 @@ RESERVATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 CUSTOMER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,127}")
 REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,31}")
 
-Status = Literal["held", "confirmed", "fulfilled", "released", "expired"]
+Status = Literal["held", "confirmed", "fulfilled", "released", "expired", "backordered"]
 
 
 def check_ident(value: object, what: str) -> str:
@@ -206,9 +206,16 @@ class Reservation:
     """The allocation rules version that decided the reservation (atp.rules)."""
     requested_date: date | None = None
     """The day the units are promised for (time-phased ATP); ``None``: now, from the shelf."""
+    backordered: bool = False
+    """It waited (or waits) in a backorder queue: ``status`` is ``backordered`` until supply
+    fills it, then ``confirmed`` with ``filled_at``."""
+    filled_at: datetime | None = None
 
     @property
     def open_units(self) -> int:
+        """Units it holds committed (a backorder still waiting holds none)."""
+        if self.status == "backordered":
+            return 0
         return sum(line.open for line in self.lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,6 +241,8 @@ class Reservation:
             "customer_id": self.customer_id,
             "rules_version": self.rules_version,
             "requested_date": self.requested_date.isoformat() if self.requested_date else None,
+            "backordered": self.backordered,
+            "filled_at": self.filled_at.isoformat() if self.filled_at else None,
         }
 
 
@@ -249,6 +258,8 @@ class Position:
     """Units of open expected receipts (inbound supply), not yet on hand."""
     committed_dated: int = 0
     """The part of ``committed`` promised for a requested date (time-phased ATP)."""
+    backordered: int = 0
+    """Units backorders wait for in the position's queue (not committed)."""
 
     @property
     def available(self) -> int:
@@ -333,7 +344,9 @@ class Explanation:
     script decides with (lua/explain.lua shares its helpers with lua/reserve.lua).
 
     ``atp = max(0, min(position_atp, cap_left, buyer_left))`` with
-    ``position_atp = on_hand - committed - safety_stock - protected_for_others_total``;
+    ``position_atp = on_hand - committed - safety_stock - protected_for_others_total -
+    backorders_ahead`` when nothing dated is promised on the position and no date is asked
+    (else the time-phased least over the ``schedule`` stands for ``on_hand - committed``);
     ``committed`` already leaves out ``expired_holds_reclaimable`` (units of lapsed holds
     the next reserve reclaims before deciding).
     """
@@ -373,6 +386,10 @@ class Explanation:
     """With ``qty``: the earliest date it could be promised (``None``: none, see
     ``promise_blocked_by``)."""
     promise_blocked_by: str | None = None
+    backorders_ahead: int = 0
+    """Units backorders of this channel's priority or above wait for (not in ``atp``)."""
+    backordered: int = 0
+    """Units all backorders on the position wait for."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import date
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from ._base import _RULES_TRIES
 from ._cluster import ClusterMixin
@@ -192,10 +192,11 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
     def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc, sch."""
-        _, pos, _, log, lx, sch = self._line_keys(sku, location)
+        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc, sch, agg,
+        bq."""
+        agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
         res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res, stats, exc, sch)
+        return (pos, log, events, lx, res, stats, exc, sch, agg, bq)
 
     # -- reservations ----------------------------------------------------------------------
 
@@ -210,6 +211,7 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
         region: str | None = None,
         allow_split: bool | None = None,
         requested_date: date | None = None,
+        on_short: Literal["refuse", "backorder"] = "refuse",
         actor: str = "",
         source: str = "",
     ) -> Reservation:
@@ -234,6 +236,14 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
             channels' protections stays >= 0, so a dated promise may count on inbound and
             never starves an earlier one. A date before today is taken as today. ``None``:
             wanted now, from the shelf (as before dated supply existed).
+        :param on_short: ``backorder``: when stock is short, wait in the position's queue
+            instead of being refused (``status`` ``backordered``; one line at a location,
+            confirmed at once, undated). Supply arriving (a receipt, a positive adjustment
+            or count, units released or reclaimed) fills the queue in order (channel
+            priority, then arrival), each filled backorder becoming a confirmed reservation
+            with a ``backorder_filled`` event; ``release`` cancels one. A new reservation
+            never takes units a backorder of its channel's priority or above waits for
+            (``limited_by``: ``backorders``). A line its channel's cap limits is refused.
         :raises InsufficientStock: with ``lines`` saying requested, available and what
             limited it (``stock``, ``protection`` or ``cap``), and ``promise_date`` when
             a later date can be had from the inbound schedule.
@@ -244,6 +254,23 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
         s = self.settings
         check_reservation_id(reservation_id)
         check_channel(channel)
+        if on_short not in ("refuse", "backorder"):
+            raise InvalidRequest("on_short must be refuse or backorder", field="on_short")
+        backorder = on_short == "backorder"
+        if backorder:
+            if hold_seconds:
+                raise InvalidRequest(
+                    "a backorder is confirmed when filled: send it without hold_seconds",
+                    field="hold_seconds",
+                )
+            if requested_date is not None:
+                raise InvalidRequest(
+                    "a backorder waits for supply now: it takes no requested_date",
+                    field="requested_date",
+                )
+            if len(lines) != 1:
+                raise InvalidRequest("a backorder has exactly one line", field="lines")
+            hold_seconds = 0
         hold = s.default_hold_seconds if hold_seconds is None else hold_seconds
         check_int(hold, "hold_seconds", 0, s.max_hold_seconds)
         if customer_id is not None:
@@ -277,6 +304,8 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
                 where = f"at {loc}" if loc else "without a location"
                 raise InvalidRequest(f"two lines for {sku} {where}; use one line", field="lines")
             if loc is None:
+                if backorder:
+                    raise InvalidRequest("a backorder's line needs a location", field="lines")
                 routed.add(sku)
             seen.add((sku, loc))
             parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
@@ -296,7 +325,9 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
             (sku, loc or "", qty) for plines in parts.values() for sku, loc, qty in plines
         )
         fp = _fingerprint_text(
-            _reserve_fp_json(channel, hold, all_lines, customer_id, region, allow_split, rd)
+            _reserve_fp_json(
+                channel, hold, all_lines, customer_id, region, allow_split, rd, backorder
+            )
         )
         cfg = self._cfg(actor, source)
         for _ in range(_RULES_TRIES):
@@ -317,6 +348,8 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
                         rules.version,
                         cfg,
                         rd,
+                        rules.priority(channel) if rules.version else 0,
+                        backorder,
                     )
                 keys = self._spec_keys(self.keys.index(reservation_id), specs)
                 home = self.keys.bucket(reservation_id)
@@ -330,6 +363,8 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
                     customer_id,
                     specs,
                     rd=rd,
+                    pp=rules.priority(channel) if rules.version else 0,
+                    backorder=backorder,
                 )
                 out = decode(await self._call("reserve", keys, (cfg, req)))
             except RulesStale:

@@ -12,6 +12,8 @@ deployment (SCAN, so it never blocks the server) and checks:
 * the dated schedule balances: ``dated`` and each ``d:<day>`` equal the open units of
   live reservations for that day; ``inbound`` and each ``i:<day>`` equal the open
   expected receipts due that day;
+* each position's backorder queue lists exactly its backordered reservations (which hold
+  no committed units), and ``bo`` and ``bp:<priority>`` add up to them;
 * **I2** ``committed`` equals the open units of the live reservation lines on the
   position, per channel too; terminal reservations hold no open units; each SKU's totals
   over its locations (per channel, for caps; per customer, for buyer limits) equal its
@@ -83,6 +85,8 @@ async def verify(
 
     t = await r.time()
     today = (int(t[0]) * 1000 + int(t[1]) // 1000) // 86_400_000
+    waiting: dict[tuple[str, str], set[str]] = defaultdict(set)
+    waiting_prio: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     open_pos: dict[tuple[str, str], int] = defaultdict(int)
     open_rd: dict[tuple[str, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
     open_ch: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -97,6 +101,11 @@ async def verify(
             rec = json.loads(raw)
             rep.reservations += 1
             parts_seen[rid].add(b)
+            if rec["st"] == "backordered":  # waits in its position's queue, holds nothing
+                (ln,) = rec["lines"]
+                waiting[(ln["sku"], ln["loc"])].add(f"{ln['qty']}:{rid}")
+                waiting_prio[(ln["sku"], ln["loc"])][f"bp:{rec['bq'][0]}"] += ln["qty"]
+                continue
             for ln in rec["lines"]:
                 if ks.bucket(ln["sku"]) != b:
                     problem(f"{rid}: line {ln['sku']} filed in bucket {b}")
@@ -151,7 +160,7 @@ async def verify(
         flat = {
             _s(k): int(v)
             for k, v in (await r.hgetall(key)).items()
-            if _s(k) in _FIGURES or _s(k).startswith("ch:")
+            if _s(k) in _FIGURES or _s(k).startswith(("ch:", "bp:"))
         }
         oh, cm, ss = flat.get("on_hand", 0), flat.get("committed", 0), flat.get("safety_stock", 0)
         pk = ks.position(sku, loc)
@@ -179,6 +188,20 @@ async def verify(
                     f"{sku}@{loc}: committed {cm} (dated {flat.get('dated', 0)}) not covered: "
                     f"least slack {slack} < safety_stock {ss} (I1)"
                 )
+        queue = {_s(m) for m in await r.zrange(pk.bq, 0, -1)}
+        want_q = waiting.get((sku, loc), set())
+        if queue != want_q:
+            problem(
+                f"{sku}@{loc}: backorder queue has {sorted(queue - want_q)[:5]} too many and "
+                f"{sorted(want_q - queue)[:5]} missing"
+            )
+        bp = {f: v for f, v in flat.items() if f.startswith("bp:") and v}
+        want_bp = {f: v for f, v in waiting_prio.get((sku, loc), {}).items() if v}
+        if bp != want_bp or flat.get("bo", 0) != sum(want_bp.values()):
+            problem(
+                f"{sku}@{loc}: backordered {flat.get('bo', 0)} by priority {bp}, but the "
+                f"backorders wait for {want_bp}"
+            )
         ix = {_s(m) for m in await r.zrange(ks.position(sku, loc).lx, 0, -1)}
         if ix != live_ix.get((sku, loc), set()):
             want = live_ix.get((sku, loc), set())
@@ -213,7 +236,7 @@ async def verify(
     return rep
 
 
-_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated"})
+_FIGURES = frozenset({"on_hand", "committed", "safety_stock", "inbound", "dated", "bo"})
 
 
 def least_slack(

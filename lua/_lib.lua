@@ -35,19 +35,20 @@ end
 
 -- A position as a table, or nil when it does not exist.
 -- `inbound`: open expected receipts (units); `dated`: the part of `committed` held by
--- reservations with a requested date (both kept with their schedule in the `sch` hash).
+-- reservations with a requested date (both kept with their schedule in the `sch` hash);
+-- `bo`: units of backorders waiting in the position's queue (`bq`).
 local function read_pos(key)
-  local v = redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock', 'inbound', 'dated')
+  local v = redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock', 'inbound', 'dated', 'bo')
   if not v[1] then return nil end
   return { on_hand = tonumber(v[1]), committed = tonumber(v[2] or '0'),
            safety_stock = tonumber(v[3] or '0'), inbound = tonumber(v[4] or '0'),
-           dated = tonumber(v[5] or '0') }
+           dated = tonumber(v[5] or '0'), bo = tonumber(v[6] or '0') }
 end
 
 -- The whole position hash as the JSON-able reply shape.
 local function pos_reply(key)
   local flat = redis.call('HGETALL', key)
-  local p = { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0, ch = {} }
+  local p = { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0, bo = 0, ch = {} }
   for i = 1, #flat, 2 do
     local f, v = flat[i], tonumber(flat[i + 1])
     if string.sub(f, 1, 3) == 'ch:' then
@@ -375,6 +376,122 @@ local function channel_atp(p, ch, pr, chc)
   return p.on_hand - p.committed - p.safety_stock - prot, prot
 end
 
+-- Backorders (issue 7). A reservation that asked to wait rather than be refused
+-- (`on_short: backorder`; one line, at a location, confirmed, undated) waits in its
+-- position's queue `bq`: a zset of "<qty>:<id>" scored by channel priority (higher first),
+-- then arrival (the position's counter `bqseq`). The position keeps `bo` (units waiting)
+-- and `bp:<priority>` (units waiting per priority). A part waiting is `backordered`: it
+-- holds no committed units; `part.bq` = {priority, seq}, and it keeps the protections,
+-- cap and buyer limit it was accepted under (`pr`, `cap`, `bl`) to be filled by them.
+local BO_PRIO_MAX = 1000000
+local BO_SEQ = 4294967296
+
+local function bo_score(prio, seq)
+  return (BO_PRIO_MAX - prio) * BO_SEQ + seq
+end
+
+local function bo_member(part)
+  return string.format('%d', part.lines[1].qty) .. ':' .. part.id
+end
+
+-- Units waiting at priority `prio` or above: a new reservation of that priority comes
+-- after them, so it may not take what they wait for. Reads nothing when nothing waits.
+local function waiting_ahead(pos_key, p, prio)
+  if p.bo <= 0 then return 0 end
+  local flat = redis.call('HGETALL', pos_key)
+  local n = 0
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 3) == 'bp:' and tonumber(string.sub(flat[i], 4)) >= prio then
+      n = n + tonumber(flat[i + 1])
+    end
+  end
+  return n
+end
+
+local function bo_enqueue(lk, part)
+  local qty = part.lines[1].qty
+  local seq = redis.call('HINCRBY', lk.pos, 'bqseq', 1)
+  part.bq = { part.bq[1], seq }
+  redis.call('ZADD', lk.bq, bo_score(part.bq[1], seq), bo_member(part))
+  redis.call('HINCRBY', lk.pos, 'bo', qty)
+  redis.call('HINCRBY', lk.pos, 'bp:' .. part.bq[1], qty)
+end
+
+local function bo_dequeue(lk, part)
+  local qty = part.lines[1].qty
+  redis.call('ZREM', lk.bq, bo_member(part))
+  redis.call('HINCRBY', lk.pos, 'bo', -qty)
+  if redis.call('HINCRBY', lk.pos, 'bp:' .. part.bq[1], -qty) <= 0 then
+    redis.call('HDEL', lk.pos, 'bp:' .. part.bq[1])
+  end
+end
+
+-- Fill the position's backorders in queue order with what it can now give, each at once a
+-- confirmed reservation (a `backorder_filled` event and movement). Stops at the first one
+-- the position cannot cover (no later one may take what an earlier one waits for); one
+-- whose own channel cap or buyer limit no longer lets it have the units waits on without
+-- holding up the others. At most cfg.fill_max (1000) backorders are looked at per call;
+-- the next supply event goes on. `lk` needs pos, log, lx, sch, bq and agg; `e` res,
+-- events, stats. Returns the ids filled.
+local function fill_backorders(cfg, lk, e, now)
+  local filled = {}
+  if not lk.bq then return filled end
+  local budget = tonumber(cfg.fill_max) or 1000
+  local today = today_of(now)
+  local start, short = 0, false
+  while not short and budget > 0 do
+    local page = redis.call('ZRANGE', lk.bq, start, start + math.min(budget, 100) - 1)
+    if #page == 0 then break end
+    for _, member in ipairs(page) do
+      budget = budget - 1
+      local rid = string.match(member, '^%d+:(.*)$')
+      local raw = rid and redis.call('HGET', e.res, rid)
+      local part = raw and cjson.decode(raw)
+      if not part or part.st ~= 'backordered' then
+        redis.call('ZREM', lk.bq, member)  -- nothing waits under it any more
+      else
+        local qty = part.lines[1].qty
+        local p = read_pos(lk.pos)
+        local slack = p.on_hand - p.committed
+        if p.dated > 0 then
+          local base, pts = phased_points(lk.sch, p, today)
+          slack = phased_min(base, pts, nil)
+        end
+        local _, prot = channel_atp(p, part.ch, part.pr, function(g)
+          return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
+        end)
+        if slack - p.safety_stock - prot < qty then short = true; break end
+        local allowed = true
+        if part.cap ~= nil and tonumber(redis.call('HGET', lk.agg, 'ch:' .. part.ch) or '0') + qty > part.cap then
+          allowed = false
+        end
+        if part.bl ~= nil and part.cu and tonumber(redis.call('HGET', lk.agg, 'cu:' .. part.cu) or '0') + qty > part.bl then
+          allowed = false
+        end
+        if allowed then
+          bo_dequeue(lk, part)
+          part.st = 'confirmed'
+          part.up = now
+          part.fl = now
+          local after = commit_units(lk, part, qty)
+          log_move(cfg, lk.log, 'reserve', { reason = 'backorder_filled', rid = rid, channel = part.ch,
+            ohb = p.on_hand, oha = p.on_hand, cmb = after - qty, cma = after, at = now })
+          redis.call('ZADD', lk.lx, 0, lx_member(part))
+          stat(e.stats, qty, 0)
+          local js = cjson.encode(part)
+          redis.call('HSET', e.res, rid, js)
+          emit(cfg, e.events, 'backorder_filled', rid, part.ch, now, js)
+          filled[#filled + 1] = rid
+        else
+          start = start + 1  -- it stays in the queue; the next page starts after it
+        end
+      end
+      if budget <= 0 then break end
+    end
+  end
+  return filled
+end
+
 -- The rules version a part's bucket enforces (set by rules_apply / rules_bump in the
 -- bucket's stats hash, so a reserve reads it from a key it already has).
 local function bucket_rules_version(stats_key)
@@ -382,8 +499,8 @@ local function bucket_rules_version(stats_key)
 end
 
 -- Walk KEYS for a reservation call: optional index key, then per part five bucket keys
--- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and five
--- keys per candidate position (pos, hx, log, lx, sch). A line has one candidate unless reserve
+-- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and six
+-- keys per candidate position (pos, hx, log, lx, sch, bq). A line has one candidate unless reserve
 -- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
 -- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
 -- and a refusal when KEYS does not match the request.
@@ -406,8 +523,8 @@ local function part_keys(with_index, parts)
       local cs = {}
       for ci = 1, nc do
         cs[ci] = { pos = KEYS[k], hx = KEYS[k + 1], log = KEYS[k + 2], lx = KEYS[k + 3],
-                   sch = KEYS[k + 4], agg = agg }
-        k = k + 5
+                   sch = KEYS[k + 4], bq = KEYS[k + 5], agg = agg }
+        k = k + 6
       end
       e.lines[li] = cs[1]
       e.cands[li] = cs

@@ -1,7 +1,7 @@
 --[[ confirm: a held reservation becomes confirmed; its expiry is dropped.
 
 KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
-      agg then pos/hx/log/lx
+      agg then pos/hx/log/lx/sch/bq
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), parts:[{b, n}]}
@@ -28,6 +28,9 @@ if st == 'confirmed' then return cjson.encode({ ok = 1, replay = 1, parts = recs
 if st == 'expired' then return refuse('hold_expired', 'the hold on ' .. req.id .. ' has expired') end
 if st == 'released' then return refuse('released', 'reservation ' .. req.id .. ' was released') end
 if st == 'fulfilled' then return refuse('fulfilled', 'reservation ' .. req.id .. ' was fulfilled') end
+if st == 'backordered' then
+  return refuse('backordered', 'reservation ' .. req.id .. ' is backordered: it is confirmed when supply fills it')
+end
 if st ~= 'held' then return refuse('bad_request', 'unexpected state ' .. tostring(st)) end
 
 for pi, rec in ipairs(recs) do

@@ -10,7 +10,8 @@ KEYS:
   [3] events bucket outbox stream
   [4] stats  bucket hash of unit totals
   [5] exc    bucket hash of exceptions (not written here)
-  then, per candidate, per line of its part: agg | pos | hx | log | lx | sch
+  then, per candidate, per line of its part: agg | pos | hx | log | lx | sch | bq
+Units a hold gives back fill the position's waiting backorders (fill_backorders).
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {ids:[{id, n}]}     n = the line count the worker saw on the part
@@ -26,7 +27,7 @@ if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a lis
 local want = 5
 for _, c in ipairs(req.ids) do
   if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
-  want = want + 6 * c.n
+  want = want + 7 * c.n
 end
 if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the candidates') end
 local res_key, holds_key, ev_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -40,12 +41,14 @@ for _, c in ipairs(req.ids) do
   if rec and #rec.lines == c.n and
      (rec.st == 'expired' or (rec.st == 'held' and rec.ex > 0 and rec.ex <= now)) then
     local changed = false
+    local freed = {}
     for li, l in ipairs(rec.lines) do
-      local o = k + 6 * (li - 1)
+      local o = k + 7 * (li - 1)
       local lk = { agg = KEYS[o], pos = KEYS[o + 1], hx = KEYS[o + 2], log = KEYS[o + 3], lx = KEYS[o + 4],
-                   sch = KEYS[o + 5] }
+                   sch = KEYS[o + 5], bq = KEYS[o + 6] }
       local open = line_open(l)
       if open > 0 then
+        freed[#freed + 1] = lk
         uncommit(cfg, lk, rec, open, 'expire', 'hold expired', now)
         redis.call('ZREM', lk.lx, lx_member(rec))
         stat(stats_key, -open, -open)
@@ -68,9 +71,12 @@ for _, c in ipairs(req.ids) do
       redis.call('HSET', res_key, c.id, cjson.encode(rec))
       expired[#expired + 1] = c.id
     end
+    for _, lk in ipairs(freed) do
+      fill_backorders(cfg, lk, { res = res_key, events = ev_key, stats = stats_key }, now)
+    end
   elseif not rec or (rec.st ~= 'held' and rec.st ~= 'expired') then
     redis.call('ZREM', holds_key, c.id)
   end
-  k = k + 6 * c.n
+  k = k + 7 * c.n
 end
 return cjson.encode({ ok = 1, expired = expired, units = units })

@@ -16,7 +16,8 @@ KEYS: per item: stats (bucket, for its rules version) | res | pos | hx | agg | s
 ARGV:
   [1] cfg  JSON {reclaim, soon (ms), list (most holds listed)}
   [2] req  JSON {rv, ch, cu (optional), brief (bool: only atp), rd (optional day),
-                 qty (optional, for promise_day),
+                 qty (optional, for promise_day), pp (the channel's priority: backorders
+                 waiting at it or above come first, `backorders_ahead`),
                  items:[{sku, loc, pr:[ [channel, protected]… ] (optional), cap (optional),
                          bl (optional)}]}
 Returns JSON:
@@ -33,6 +34,7 @@ if req.cu ~= nil and not is_text(req.cu, 128) then return refuse('bad_request', 
 if type(req.items) ~= 'table' then return refuse('bad_request', 'items must be a list') end
 if req.rd ~= nil and not is_int(req.rd, 0, 1e6) then return refuse('bad_request', 'rd must be a day number') end
 if req.qty ~= nil and not is_int(req.qty, 1, 1e13) then return refuse('bad_request', 'qty must be a whole number') end
+if req.pp ~= nil and not is_int(req.pp, 0, 1000000) then return refuse('bad_request', 'pp must be a priority') end
 if #KEYS ~= 6 * #req.items then return refuse('bad_request', 'KEYS do not match the items') end
 for _, it in ipairs(req.items) do
   if not is_text(it.sku, 64) or not is_text(it.loc, 64) then return refuse('bad_request', 'each item needs a sku and a location') end
@@ -67,12 +69,17 @@ for i, it in ipairs(req.items) do
       base, pts = phased_points(lk.sch, view, today, back_rd)
       if rd ~= nil or view.dated > 0 then slack = phased_min(base, pts, rd) end
     end
-    local a = slack - view.safety_stock - prot
+    local ahead = waiting_ahead(lk.pos, p, req.pp or 0)
+    local a = slack - view.safety_stock - prot - ahead
     -- limited_by: the term that sets the figure (the smallest of stock after protections,
     -- cap left and buyer limit left); 'protection' when other channels' protected units
-    -- take some of what stock alone would give
+    -- take some of what stock alone would give; 'backorders' when waiting backorders do
     local atp, limited = math.max(0, a), 'stock'
-    if prot > 0 and slack - view.safety_stock > 0 then limited = 'protection' end
+    if ahead > 0 and slack - view.safety_stock - prot > 0 then
+      limited = 'backorders'
+    elseif prot > 0 and slack - view.safety_stock > 0 then
+      limited = 'protection'
+    end
     local cap_used, cap_left, buyer_used, buyer_left = nil, nil, nil, nil
     if it.cap ~= nil then
       cap_used = tonumber(redis.call('HGET', lk.agg, 'ch:' .. req.ch) or '0') - (back_ch[req.ch] or 0)
@@ -88,7 +95,7 @@ for i, it in ipairs(req.items) do
     if req.qty ~= nil then
       if cap_left ~= nil and cap_left < req.qty then blocked = 'cap'
       elseif buyer_left ~= nil and buyer_left < req.qty then blocked = 'buyer_limit'
-      else pday = promise_day(base or slack, pts or {}, today, req.qty + view.safety_stock + prot) end
+      else pday = promise_day(base or slack, pts or {}, today, req.qty + view.safety_stock + prot + ahead) end
     end
     if req.brief then
       out[i] = { exists = true, atp = atp, promise_day = pday, promise_blocked_by = blocked }
@@ -140,11 +147,12 @@ for i, it in ipairs(req.items) do
         end
         for _, pt in ipairs(pts) do
           schedule[#schedule + 1] = { day = pt[1], inbound = inb[pt[1]] or 0, dated = dat[pt[1]] or 0,
-            atp = math.max(0, phased_min(base, pts, pt[1]) - view.safety_stock - prot) }
+            atp = math.max(0, phased_min(base, pts, pt[1]) - view.safety_stock - prot - ahead) }
         end
       end
       out[i] = { exists = true, atp = atp, position_atp = a, limited_by = limited,
         inbound = view.inbound, dated = view.dated, requested_day = rd, today = today,
+        backorders_ahead = ahead, backordered = p.bo,
         schedule = schedule, promise_day = pday, promise_blocked_by = blocked,
         on_hand = view.on_hand, committed = view.committed, committed_by_channel = by_ch,
         safety_stock = view.safety_stock, expired_holds_reclaimable = back,

@@ -65,6 +65,9 @@ end
 local now = now_ms()
 local st = logical_status(recs, now)
 if st == 'held' then return refuse('not_confirmed', 'reservation ' .. req.id .. ' is held; confirm it first') end
+if st == 'backordered' then
+  return refuse('backordered', 'reservation ' .. req.id .. ' is backordered: nothing to ship until supply fills it')
+end
 if st == 'expired' then return refuse('hold_expired', 'the hold on ' .. req.id .. ' has expired') end
 if st == 'released' then return refuse('released', 'reservation ' .. req.id .. ' was released') end
 if st == 'fulfilled' then return refuse('fulfilled', 'reservation ' .. req.id .. ' is already fulfilled') end
@@ -166,5 +169,9 @@ end
 for _, h in ipairs(plan) do
   emit(cfg, pk[h.pi].events, 'fulfil', req.id, recs[h.pi].ch, now, { fulfilment = req.fid,
     sku = h.f.sku, location = h.f.loc, shipped = h.f.shipped, short = h.f.short })
+end
+-- a remainder released gives units back: the position's backorders may fill
+for _, h in ipairs(plan) do
+  if h.f.rr then fill_backorders(cfg, pk[h.pi].lines[h.li], pk[h.pi], now) end
 end
 return cjson.encode({ ok = 1, replay = 0, parts = recs })

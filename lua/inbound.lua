@@ -14,6 +14,8 @@ KEYS:
   [3] events bucket outbox    [4] lx   position live index    [5] res  bucket reservation parts
   [6] stats  bucket totals    [7] exc  bucket exceptions      [8] sch  position schedule
   [9] ib     position's open expected receipts
+  [10] agg   the SKU's totals (unused)    [11] bq  backorder queue (unused: backorders wait for
+             the shelf, not for inbound)
 ARGV:
   [1] cfg  JSON {max_on_hand, ev_max, actor, source, risk_max}
   [2] req  JSON {op: "expect" | "amend" | "cancel", sku, loc, b (bucket), ref,
@@ -30,7 +32,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 9 then return refuse('bad_request', 'expected 9 keys') end
+if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
 if req.op ~= 'expect' and req.op ~= 'amend' and req.op ~= 'cancel' then
   return refuse('bad_request', 'op must be expect, amend or cancel')
 end

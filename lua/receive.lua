@@ -11,6 +11,7 @@ KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
   [4] lx     position live index   [5] res  bucket reservation parts   [6] stats  bucket totals
   [7] exc    bucket exceptions     [8] sch  position schedule     [9] ib  open expected receipts
+  [10] agg   the SKU's totals      [11] bq  position backorder queue (filled from what arrives)
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), qty, ref, close (bool, optional), prio (optional)}
@@ -24,7 +25,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 9 then return refuse('bad_request', 'expected 9 keys') end
+if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -33,13 +34,13 @@ if not is_text(req.ref, 200) then return refuse('bad_request', 'reference must b
 if req.close ~= nil and type(req.close) ~= 'boolean' then return refuse('bad_request', 'close must be true or false') end
 
 local pos_key, log_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[2], KEYS[3], KEYS[8], KEYS[9]
-local lk = { pos = KEYS[1], lx = KEYS[4], sch = KEYS[8] }
+local lk = { pos = KEYS[1], log = KEYS[2], lx = KEYS[4], sch = KEYS[8], agg = KEYS[10], bq = KEYS[11] }
 local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local raw = redis.call('HGET', ib_key, req.ref)
 if req.close and not raw then
   return refuse('unknown_inbound', 'no open expected receipt ' .. req.ref .. ' for ' .. req.sku .. ' at ' .. req.loc)
 end
-local p = read_pos(pos_key) or { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0 }
+local p = read_pos(pos_key) or { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0, bo = 0 }
 local after = p.on_hand + req.qty
 if after > cfg.max_on_hand then return refuse('bad_request', 'on_hand would exceed ' .. cfg.max_on_hand) end
 local now = now_ms()
@@ -74,4 +75,6 @@ if cut > 0 then
   local ex = check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'inbound_short', '', now, req.prio)
   if ex then exc_id = ex.id end
 end
-return cjson.encode({ ok = 1, position = pos_reply(pos_key), inbound = ent or cjson.null, exception = exc_id })
+local filled = fill_backorders(cfg, lk, bk, now)
+return cjson.encode({ ok = 1, position = pos_reply(pos_key), inbound = ent or cjson.null, exception = exc_id,
+  filled = filled })

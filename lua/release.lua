@@ -1,7 +1,9 @@
---[[ release: a held or confirmed reservation gives its open units back.
+--[[ release: a held or confirmed reservation gives its open units back, and they fill the
+positions' waiting backorders (fill_backorders). Releasing a backorder cancels it: it
+leaves its position's queue (it held no units).
 
 KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
-      agg then pos/hx/log/lx
+      agg then pos/hx/log/lx/sch/bq
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
   [2] req  JSON {id, idx (bool), reason, parts:[{b, n}], rollback (bool)}
@@ -54,6 +56,7 @@ if req.rollback then
       end
       redis.call('ZREM', k.holds, req.id)
       redis.call('HDEL', k.res, req.id)
+      for li in ipairs(rec.lines) do fill_backorders(cfg, k.lines[li], k, now) end
       emit(cfg, k.events, 'rolled_back', req.id, rec.ch, now, { reason = 'another part of the reservation was refused' })
       n = n + 1
     end
@@ -68,6 +71,22 @@ local now = now_ms()
 local st = logical_status(recs, now)
 if st == 'released' then return cjson.encode({ ok = 1, replay = 1, parts = recs }) end
 if st == 'fulfilled' then return refuse('fulfilled', 'reservation ' .. req.id .. ' was fulfilled') end
+if st == 'backordered' then
+  -- a backorder is cancelled: it leaves the queue (it held no units)
+  for pi, rec in ipairs(recs) do
+    local k = pk[pi]
+    bo_dequeue(k.lines[1], rec)
+    rec.lines[1].released = rec.lines[1].qty
+    rec.st = 'released'
+    rec.up = now
+    rec.rsn = req.reason or 'released'
+    redis.call('HSET', k.res, req.id, cjson.encode(rec))
+    emit(cfg, k.events, 'released', req.id, rec.ch, now, { reason = rec.rsn, backorder = true })
+    -- those behind it may now fit
+    fill_backorders(cfg, k.lines[1], k, now)
+  end
+  return cjson.encode({ ok = 1, replay = 0, parts = recs })
+end
 if st ~= 'held' and st ~= 'confirmed' and st ~= 'expired' then
   return refuse('bad_request', 'unexpected state ' .. tostring(st))
 end
@@ -98,6 +117,9 @@ for pi, rec in ipairs(recs) do
     if was ~= final and final == 'released' then rec.rsn = reason end
     redis.call('HSET', k.res, req.id, cjson.encode(rec))
     if was ~= final then emit(cfg, k.events, final, req.id, rec.ch, now, { reason = reason }) end
+  end
+  if changed then
+    for li in ipairs(rec.lines) do fill_backorders(cfg, k.lines[li], k, now) end
   end
 end
 local replay = 0

@@ -11,12 +11,15 @@ KEYS (walked by part_keys):
       then per candidate location of the line (one unless routed):
         pos  position hash | hx  position hold zset | log  position stream | lx  live index
         sch  dated schedule (inbound due and dated commitments per day)
+        bq   backorder queue
 ARGV:
   [1] cfg  JSON {max_qty, max_lines, max_hold, reclaim, log_max, ev_max, actor, source}
   [2] req  JSON {id, ch, hold (ms, 0 = confirmed at once), fp (request fingerprint),
                  idx (bool), home (bucket), rv (rules version the caller resolved with),
                  cu (customer id, optional), rd (requested day, optional: UTC days since
                  1970-01-01; a day before today is taken as today),
+                 pp (the channel's priority, optional, 0), bo (bool: backorder when short;
+                 one part of one located line, confirmed at once, undated),
                  parts:[{b, n, c (optional: candidates per line),
                    lines:[{sku, qty, loc | locs:[loc…] (routed, in the channel's order),
                            split (bool, routed only), pr ([ [channel, protected]… ] per candidate,
@@ -25,8 +28,11 @@ Returns JSON:
   {"ok":1,"replay":0,"st":status,"cr":ms,"ex":ms,"rv":N}   accepted; when a line was routed
         also "lines": [ [sku, loc, qty] … ] (every line as taken, part by part)
   {"ok":1,"replay":1,"parts":[part…]}                the same request again: its parts
+  {"ok":1,"replay":0,"st":"backordered","cr":ms,"ex":0,"rv":N}   short, and it asked to wait:
+        it waits in the position's queue (fill_backorders in _lib fills it when supply comes)
   {"err":"insufficient","lines":[{sku,location,requested,available,limited_by,promise_day}]}
-        limited_by: "stock", "protection" (other channels' protected units) or "cap";
+        limited_by: "stock", "protection" (other channels' protected units), "cap" or
+        "backorders" (units backorders of this channel's priority or above wait for);
         promise_day: the earliest day the inbound schedule can give the line (a line with a
         location, not limited by its cap), absent when none can
 Time-phased ATP: a reservation with a requested day is accepted when, at its day and every
@@ -56,6 +62,9 @@ if not is_text(req.fp, 128) then return refuse('bad_request', 'missing request f
 if not is_int(req.rv, 0, 1e15) then return refuse('bad_request', 'rv must be a rules version') end
 if req.cu ~= nil and not is_text(req.cu, 128) then return refuse('bad_request', 'customer id must be 1-128 characters') end
 if req.rd ~= nil and not is_int(req.rd, 0, 1e6) then return refuse('bad_request', 'rd must be a day number') end
+if req.pp ~= nil and not is_int(req.pp, 0, 1000000) then return refuse('bad_request', 'pp must be a priority') end
+if req.bo ~= nil and type(req.bo) ~= 'boolean' then return refuse('bad_request', 'bo must be true or false') end
+local prio = req.pp or 0
 local shape_err = validate_parts_shape(req, cfg.max_lines)
 if shape_err then return refuse('bad_request', shape_err) end
 local seen, seen_b, routed_sku, sku_lines, nlines = {}, {}, {}, {}, 0
@@ -106,6 +115,12 @@ if nlines > cfg.max_lines then return refuse('bad_request', 'too many lines') en
 for sku in pairs(routed_sku) do
   if sku_lines[sku] > 1 then return refuse('bad_request', 'a routed line must be the only line for ' .. sku) end
 end
+if req.bo then
+  local l1 = req.parts[1].lines[1]
+  if #req.parts ~= 1 or nlines ~= 1 or l1.locs ~= nil or req.hold ~= 0 or req.rd ~= nil then
+    return refuse('bad_request', 'a backorder is one line at a location, confirmed at once, without a date')
+  end
+end
 local idx, pk = part_keys(req.idx, req.parts)
 if idx == nil then return pk end
 
@@ -155,7 +170,10 @@ for pi, p in ipairs(req.parts) do
   for li, l in ipairs(p.lines) do
     local locs = l.locs or { l.loc }
     for ci, lk in ipairs(e.cands[li]) do
-      reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim)
+      -- units lapsed holds give back go first to the backorders waiting for them
+      if reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim) > 0 then
+        fill_backorders(cfg, lk, e, now)
+      end
     end
   end
 end
@@ -190,7 +208,7 @@ for pi, p in ipairs(req.parts) do
   onh[pi] = {}
   for li, l in ipairs(p.lines) do
     local locs = l.locs or { l.loc }
-    local avail, raw_ok, any = {}, false, false
+    local avail, raw_ok, any, queued = {}, false, false, false
     local sched = nil  -- the first candidate's schedule and deductions (promise day)
     onh[pi][li] = {}
     for ci, lk in ipairs(pk[pi].cands[li]) do
@@ -211,8 +229,11 @@ for pi, p in ipairs(req.parts) do
             return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
           end)
         end
-        avail[ci] = math.max(0, slack - pos.safety_stock - prot)
+        -- backorders at this channel's priority or above came first: theirs, not ours
+        local ahead = waiting_ahead(lk.pos, pos, prio)
+        avail[ci] = math.max(0, slack - pos.safety_stock - prot - ahead)
         if slack - pos.safety_stock >= l.qty then raw_ok = true end
+        if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
         if ci == 1 then sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot } end
       else
         avail[ci] = 0
@@ -242,7 +263,11 @@ for pi, p in ipairs(req.parts) do
       local limited = 'stock'
       if take and cl ~= nil and want[l.sku] > cl then limited = 'cap'; take = nil end
       if not take then
-        if limited ~= 'cap' and raw_ok then limited = 'protection' end
+        if limited ~= 'cap' and queued then
+          limited = 'backorders'
+        elseif limited ~= 'cap' and raw_ok then
+          limited = 'protection'
+        end
         local av = best
         if cl ~= nil and cl < av then av = math.max(0, cl) end
         local loc = l.loc
@@ -263,6 +288,33 @@ end
 if #unknown > 0 then return refuse('unknown_position', 'no such position', { lines = unknown }) end
 if over then
   return refuse('buyer_limit', 'customer ' .. req.cu .. ' may hold at most ' .. over.limit .. ' of ' .. over.sku, over)
+end
+local l1 = req.parts[1].lines[1]
+if #short > 0 and req.bo and cap_left[l1.sku] ~= nil and want[l1.sku] > cap_left[l1.sku] then
+  short[1].limited_by = 'cap'  -- supply cannot lift a cap: refused, not queued
+end
+if #short > 0 and req.bo and short[1].limited_by ~= 'cap' then
+  -- it asked to wait: into the position's queue, by its channel's priority, then arrival
+  local p1 = req.parts[1]
+  local e = pk[1]
+  local rec = { id = req.id, ch = req.ch, st = 'backordered', cr = now, ex = 0, up = now, fp = req.fp,
+                home = req.home, parts = { p1.b }, rv = req.rv, ful = {}, bq = { prio, 0 },
+                lines = { { sku = l1.sku, loc = l1.loc, qty = l1.qty, shipped = 0, short = 0, released = 0 } } }
+  if req.cu then rec.cu = req.cu end
+  if l1.pr then rec.pr = l1.pr[1] end
+  if l1.cap ~= nil then rec.cap = l1.cap end
+  if l1.bl ~= nil then rec.bl = l1.bl end
+  bo_enqueue(e.cands[1][1], rec)
+  local rec_json = cjson.encode(rec)
+  redis.call('HSET', e.res, req.id, rec_json)
+  if idx then
+    local ie = { fp = req.fp, ch = req.ch, cr = now, parts = { { b = p1.b, lines = { { l1.sku, l1.loc } } } } }
+    if req.cu then ie.cu = req.cu end
+    redis.call('HSET', idx, req.id, cjson.encode(ie))
+  end
+  emit(cfg, e.events, 'backordered', req.id, req.ch, now, rec_json)
+  return '{"ok":1,"replay":0,"st":"backordered","cr":' .. string.format('%d', now) ..
+    ',"ex":0,"rv":' .. string.format('%d', req.rv) .. '}'
 end
 if #short > 0 then return refuse('insufficient', 'not enough available to promise', { lines = short }) end
 

@@ -46,6 +46,7 @@ async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, An
             region=body.region,
             allow_split=body.allow_split,
             requested_date=body.requested_date,
+            on_short=body.on_short,
             actor=who.key_id,
             source="api",
         )
@@ -54,6 +55,8 @@ async def _reserve(core: ATP, who: Principal, body: ReserveBody) -> dict[str, An
         raise
     if r.replayed:
         metrics.child(metrics.RESERVATIONS, "replayed", body.channel).inc()
+    elif r.status == "backordered":
+        metrics.child(metrics.RESERVATIONS, "backordered", body.channel).inc()
     else:
         metrics.child(metrics.RESERVATIONS, "accepted", body.channel).inc()
         metrics.child(metrics.UNITS_RESERVED, body.channel, r.status).inc(

@@ -22,6 +22,7 @@ POSITION_FIELDS = {
     "committed_by_channel",
     "in_transit",
     "committed_dated",
+    "backordered",
 }
 RESERVATION_FIELDS = {
     "reservation_id",
@@ -34,6 +35,8 @@ RESERVATION_FIELDS = {
     "customer_id",
     "rules_version",
     "requested_date",
+    "backordered",
+    "filled_at",
 }
 LINE_FIELDS = {"sku", "location", "qty", "shipped", "short", "released", "open"}
 
@@ -78,6 +81,7 @@ async def test_put_position_answers_the_position(client: httpx.AsyncClient, admi
         "committed_by_channel": {},
         "in_transit": 0,
         "committed_dated": 0,
+        "backordered": 0,
     }
     # safety stock omitted keeps the current figure
     r = await client.put(
@@ -135,6 +139,7 @@ async def test_get_position(client: httpx.AsyncClient, admin: Headers, seed: See
         "committed_by_channel": {"web": 3, "marketplace": 1},
         "in_transit": 0,
         "committed_dated": 0,
+        "backordered": 0,
     }
 
 

@@ -179,3 +179,44 @@ async def test_dated_reservation_and_promise(
     )
     assert r.status_code == 422
     assert (await verify(atp)).ok
+
+
+async def test_backorder_over_http(client: httpx.AsyncClient, admin: Headers, seed: Seed) -> None:
+    await seed("SKU-1", "DC1", 1)
+    body = {
+        "reservation_id": "bo-1",
+        "channel": "web",
+        "lines": [{"sku": "SKU-1", "location": "DC1", "qty": 3}],
+        "on_short": "backorder",
+    }
+    r = await client.post("/v1/reservations", json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    assert (r.json()["status"], r.json()["backordered"], r.json()["filled_at"]) == (
+        "backordered", True, None
+    )  # fmt: skip
+    assert (await client.get("/v1/positions/SKU-1/DC1", headers=admin)).json()["backordered"] == 3
+    assert_problem(
+        await client.post("/v1/reservations/bo-1/confirm", headers=admin), 409, "backordered"
+    )
+    r = await client.post(
+        "/v1/reservations",
+        json={**body, "reservation_id": "bo-2", "hold_seconds": 60},
+        headers=admin,
+    )
+    assert_problem(r, 422, "invalid_request")
+    r = await client.post(
+        "/v1/positions/SKU-1/DC1/receive", json={"qty": 2, "reference": "PO-1"}, headers=admin
+    )
+    assert r.status_code == 200 and r.json()["committed"] == 3 and r.json()["backordered"] == 0
+    got = (await client.get("/v1/reservations/bo-1", headers=admin)).json()
+    assert got["status"] == "confirmed" and got["filled_at"]
+    # a backorder still waiting is cancelled by releasing it
+    r = await client.post(
+        "/v1/reservations", json={**body, "reservation_id": "bo-3"}, headers=admin
+    )
+    assert r.json()["status"] == "backordered"
+    r = await client.post(
+        "/v1/reservations/bo-3/release", json={"reason": "cancelled"}, headers=admin
+    )
+    assert r.status_code == 200 and r.json()["status"] == "released"
+    assert (await client.get("/v1/positions/SKU-1/DC1", headers=admin)).json()["backordered"] == 0
