@@ -162,3 +162,39 @@ def test_runner_inlines_the_library_and_hashes_each_script() -> None:
         assert not re.search(r'^--- @include "', src, re.MULTILINE), name
     assert "local function refuse" in runner.sources["reserve"]
     assert len(set(runner.shas.values())) == len(NAMES)
+
+
+def test_pack_writes_what_redis_py_writes() -> None:
+    """The auto-pipeline packs EVALSHA itself; byte for byte what redis-py would send."""
+    from redis.asyncio import Redis
+    from redis.exceptions import DataError
+
+    runner = ScriptRunner()
+    conn = Redis().connection_pool.make_connection()
+    cases: list[tuple[list[str], list[Any]]] = [
+        ([], []),
+        (["{p:1}:res", "{p:1}:pos:SKU|W1"], ['{"a":1}', "x"]),
+        ([f"{{p:2}}:k{i}" for i in range(12)], ["ünïcode", 5, 2.5, b"raw\r\nbytes", ""]),
+    ]
+    for keys, args in cases:
+        want = b"".join(
+            conn.pack_command("EVALSHA", runner.shas["reserve"], len(keys), *keys, *args)
+        )
+        assert runner.pack("reserve", keys, args) == want
+    with pytest.raises(DataError):
+        runner.pack("reserve", [], [True])
+
+
+async def test_autopipeline_survives_a_flush_under_concurrency(atp: ATP) -> None:
+    """Many calls in one batch after SCRIPT FLUSH: each runs exactly once."""
+    core = atp
+    await core.set_position("A", "W1", 1000, reason="init")
+    await flush(core)
+    got = await asyncio.gather(
+        *(core.reserve(f"ap-{i}", "web", [("A", "W1", 1)], hold_seconds=0) for i in range(40))
+    )
+    assert [r.id for r in got] == [f"ap-{i}" for i in range(40)]
+    pos = await core.position("A", "W1")
+    assert pos is not None and pos.committed == 40
+    rep = await verify(core)
+    assert rep.ok, rep.problems
