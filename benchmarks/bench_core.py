@@ -535,10 +535,12 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
         cfg = core._cfg("", "")
         ks = core.keys
         bk, pk = ks.bucket_keys(ks.bucket(SKU)), ks.position(SKU, LOC)
-        tail = [bk.res, bk.holds, bk.events, pk.pos, pk.hx, pk.log]
+        tail = [*bk.tuple(), *pk.line()]  # part_keys in lua/_lib.lua
         req_fmt = (
             '{"id":"%s","ch":"' + CHANNEL + '","hold":0,"fp":"%040x","idx":true,"home":%d,'
-            '"parts":[{"b":'
+            '"rv":'
+            + str(core._rules.version)
+            + ',"parts":[{"b":'
             + str(ks.bucket(SKU))
             + ',"n":1,"lines":[{"sku":"'
             + SKU
@@ -550,9 +552,12 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
         async def script() -> object:
             i = next(ids)
             rid = f"{run_tag}-{i}"
-            return await scripts.call(
+            out = await scripts.call(
                 r, "reserve", [ks.index(rid), *tail], (cfg, req_fmt % (rid, i, ks.bucket(rid)))
             )
+            if b'"ok":1' not in out:  # a refusal is not the work being measured
+                raise RuntimeError(f"reserve script refused: {out!r:.200}")
+            return out
 
         ops: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("noop", noop),
