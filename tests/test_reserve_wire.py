@@ -71,6 +71,9 @@ def _req_obj(
     customer: str | None,
     parts: dict[int, list[_Spec]],
     idx: bool = True,
+    rd: int | None = None,
+    pp: int = 0,
+    bo: bool = False,
 ) -> dict[str, Any]:
     """reserve.lua's ``req`` as an object (what the code built before the fast path)."""
     req: dict[str, Any] = {
@@ -84,6 +87,12 @@ def _req_obj(
     }
     if customer is not None:
         req["cu"] = customer
+    if rd is not None:
+        req["rd"] = rd
+    if pp:
+        req["pp"] = pp
+    if bo:
+        req["bo"] = True
     req["parts"] = []
     for b, sl in parts.items():
         part: dict[str, Any] = {"b": b, "n": len(sl)}
@@ -101,10 +110,17 @@ def _fp_obj(
     customer: str | None,
     region: str | None,
     split: bool | None,
+    rd: int | None = None,
+    bo: bool = False,
 ) -> list[Any]:
     obj: list[Any] = [channel, hold, [list(ln) for ln in lines]]
-    if customer is not None or region is not None or split is not None:
-        obj.append({"cu": customer, "rg": region, "sp": split})
+    if customer is not None or region is not None or split is not None or rd is not None or bo:
+        extra: dict[str, Any] = {"cu": customer, "rg": region, "sp": split}
+        if rd is not None:
+            extra["rd"] = rd
+        if bo:
+            extra["bo"] = True
+        obj.append(extra)
     return obj
 
 
@@ -124,6 +140,9 @@ def _fp_lines(parts: dict[int, list[_Spec]]) -> list[tuple[str, str, int]]:
     region=st.none() | regions,
     split=st.none() | st.booleans(),
     idx=st.booleans(),
+    rd=st.none() | st.integers(0, 10**6),
+    pp=st.integers(0, 10**6),
+    bo=st.booleans(),
 )
 def test_hand_written_json_matches_json(
     rid: str,
@@ -136,16 +155,22 @@ def test_hand_written_json_matches_json(
     region: str | None,
     split: bool | None,
     idx: bool,
+    rd: int | None,
+    pp: int,
+    bo: bool,
 ) -> None:
     parts: dict[int, list[_Spec]] = {}
     for sp in lines:
         parts.setdefault(len(sp[0]) % buckets, []).append(sp)
     fp_lines = _fp_lines(parts)
-    fp_text = _reserve_fp_json(channel, hold, fp_lines, customer, region, split)
-    assert fp_text == _dumps(_fp_obj(channel, hold, fp_lines, customer, region, split))
+    fp_text = _reserve_fp_json(channel, hold, fp_lines, customer, region, split, rd, bo)
+    assert fp_text == _dumps(_fp_obj(channel, hold, fp_lines, customer, region, split, rd, bo))
     fp = hashlib.sha1(fp_text.encode()).hexdigest()
-    got = _reserve_req_json(rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx=idx)
-    assert got == _dumps(_req_obj(rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx))
+    got = _reserve_req_json(
+        rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx=idx, rd=rd, pp=pp, backorder=bo
+    )
+    want = _req_obj(rid, channel, hold * 1000, fp, 3, rv, customer, parts, idx, rd, pp, bo)
+    assert got == _dumps(want)
     json.loads(got)  # and it is JSON
 
 
@@ -258,7 +283,10 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rule
     )
     fp = hashlib.sha1(_dumps(fp_obj).encode()).hexdigest()
     home = core.keys.bucket("ord-1.a:b")
-    req = _req_obj("ord-1.a:b", "web-eu", hold * 1000, fp, home, rv, opts.get("customer_id"), parts)
+    pp = RULES["channels"]["web-eu"]["priority"] if with_rules else 0
+    req = _req_obj(
+        "ord-1.a:b", "web-eu", hold * 1000, fp, home, rv, opts.get("customer_id"), parts, pp=pp
+    )
     want_keys = [core.keys.index("ord-1.a:b")]
     for b, sl in parts.items():
         bk = core.keys.bucket_keys(b)
