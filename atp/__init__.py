@@ -40,6 +40,12 @@ from .models import (
     Reservation,
     ReservationLine,
 )
+from .replenishment import (
+    PlanRow,
+    ReplenishmentLevels,
+    ReplenishmentSettings,
+    ReplenishmentSignal,
+)
 from .rules import Rules, RulesDocument
 from .settings import Settings
 from .store import ATP
@@ -73,8 +79,12 @@ __all__ = [
     "NotConfirmed",
     "NotFound",
     "OverFulfil",
+    "PlanRow",
     "Position",
     "Refused",
+    "ReplenishmentLevels",
+    "ReplenishmentSettings",
+    "ReplenishmentSignal",
     "Reservation",
     "ReservationLine",
     "Rules",

@@ -118,7 +118,7 @@ class CoreBase:
         check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
 
-    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str, str]:
+    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str, str, str]:
         return self.keys.bucket_keys(bucket).tuple()
 
     def _keys(

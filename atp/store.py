@@ -51,12 +51,13 @@ from .models import (
     check_reservation_id,
     check_text,
 )
+from .replenishment import ReplenishmentMixin
 from .scripts import decode
 
 __all__ = ["ATP"]
 
 
-class ATP(ClusterMixin, ReconcileMixin):
+class ATP(ClusterMixin, ReconcileMixin, ReplenishmentMixin):
     """The ATP core over one Redis connection pool.
 
     :param client: a ``redis.asyncio.Redis`` (``decode_responses`` may be on or off).
@@ -64,7 +65,8 @@ class ATP(ClusterMixin, ReconcileMixin):
 
     Positions and reservations are here; the shared plumbing is in ``atp._base``, the
     allocation rules and explain in ``atp._allocation``, cluster routing in
-    ``atp._cluster``, counts and exceptions in ``atp._reconciliation``.
+    ``atp._cluster``, counts and exceptions in ``atp._reconciliation``, replenishment
+    levels, signals and planning in ``atp.replenishment``.
     """
 
     # -- positions -------------------------------------------------------------------------
@@ -153,9 +155,10 @@ class ATP(ClusterMixin, ReconcileMixin):
         check_int(qty, "qty", 1, self.settings.max_on_hand)
         check_text(reference, "reference")
         k = self.keys.position(sku, location)
+        bk = self.keys.bucket_keys(self.keys.bucket(sku))
         req = {"sku": sku, "loc": location, "qty": qty, "ref": reference}
         out = await self._run(
-            "receive", (k.pos, k.log, self._events(sku)), self._cfg(actor, source), req
+            "receive", (k.pos, k.log, bk.events, bk.rp), self._cfg(actor, source), req
         )
         return _position(sku, location, out["position"])
 
@@ -209,10 +212,10 @@ class ATP(ClusterMixin, ReconcileMixin):
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
 
     def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc."""
+        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc, rp."""
         _, pos, _, log, lx = self._line_keys(sku, location)
-        res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res, stats, exc)
+        res, _, events, stats, exc, rp = self._bucket_keys(self.keys.bucket(sku))
+        return (pos, log, events, lx, res, stats, exc, rp)
 
     # -- reservations ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
   [4] lx     position live index   [5] res  bucket reservation parts   (the shortage rule)
   [6] stats  bucket totals (exception numbers)    [7] exc  bucket exceptions hash
+  [8] rp     bucket open replenishment signals
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), delta, reason, ref, prio (optional, as set_position)}
@@ -18,7 +19,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 7 then return refuse('bad_request', 'expected 7 keys') end
+if #KEYS ~= 8 then return refuse('bad_request', 'expected 8 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -45,4 +46,5 @@ log_move(cfg, log_key, 'adjust', { reason = req.reason, ref = req.ref, ohb = p.o
 emit(cfg, ev_key, 'adjusted', '', '', now, { sku = req.sku, location = req.loc, delta = req.delta,
   on_hand_before = p.on_hand, on_hand_after = after, reason = req.reason })
 if req.delta < 0 then check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'adjust', '', now, req.prio) end
+replen_check(cfg, pos_key, KEYS[8], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key) })

@@ -1,6 +1,6 @@
 --[[ release: a held or confirmed reservation gives its open units back.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats/exc/rp, per line
       agg then pos/hx/log/lx
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
@@ -54,6 +54,7 @@ if req.rollback then
       end
       redis.call('ZREM', k.holds, req.id)
       redis.call('HDEL', k.res, req.id)
+      for li, l in ipairs(rec.lines) do replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now) end
       emit(cfg, k.events, 'rolled_back', req.id, rec.ch, now, { reason = 'another part of the reservation was refused' })
       n = n + 1
     end
@@ -98,6 +99,9 @@ for pi, rec in ipairs(recs) do
     if was ~= final and final == 'released' then rec.rsn = reason end
     redis.call('HSET', k.res, req.id, cjson.encode(rec))
     if was ~= final then emit(cfg, k.events, final, req.id, rec.ch, now, { reason = reason }) end
+  end
+  if changed then
+    for li, l in ipairs(rec.lines) do replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now) end
   end
 end
 local replay = 0

@@ -7,6 +7,7 @@ KEYS (walked by part_keys):
   then, per part p (one per bucket the lines fall in):
     res    bucket hash of reservation parts      holds  bucket zset of held parts
     events bucket outbox stream                  stats  bucket hash of unit totals (+ rv)
+    exc    bucket exceptions hash                rp     bucket open replenishment signals
     then, per line of p: agg  the SKU's totals hash (committed per channel and customer)
       then per candidate location of the line (one unless routed):
         pos  position hash | hx  position hold zset | log  position stream | lx  live index
@@ -143,7 +144,9 @@ for pi, p in ipairs(req.parts) do
   for li, l in ipairs(p.lines) do
     local locs = l.locs or { l.loc }
     for ci, lk in ipairs(e.cands[li]) do
-      reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim)
+      if reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim) > 0 then
+        replen_check(cfg, lk.pos, e.rp, e.events, l.sku, locs[ci], now)
+      end
     end
   end
 end
@@ -279,6 +282,12 @@ for pi, p in ipairs(req.parts) do
   if held then redis.call('ZADD', e.holds, ex, req.id) end
   -- the event carries the part as stored (status, expiry, lines, rules version)
   emit(cfg, e.events, 'reserved', req.id, req.ch, now, rec_json)
+  for li, l in ipairs(p.lines) do
+    local locs = l.locs or { l.loc }
+    for _, t in ipairs(plan[pi][li]) do
+      replen_check(cfg, e.cands[li][t[1]].pos, e.rp, e.events, l.sku, locs[t[1]], now)
+    end
+  end
 end
 if idx then
   local ie = { fp = req.fp, ch = req.ch, cr = now, parts = index_parts }

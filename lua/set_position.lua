@@ -7,6 +7,7 @@ KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
   [4] lx     position live index   [5] res  bucket reservation parts   (the shortage rule)
   [6] stats  bucket totals (exception numbers)    [7] exc  bucket exceptions hash
+  [8] rp     bucket open replenishment signals
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), on_hand, safety_stock (omit to keep), reason,
@@ -19,7 +20,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 7 then return refuse('bad_request', 'expected 7 keys') end
+if #KEYS ~= 8 then return refuse('bad_request', 'expected 8 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -43,4 +44,5 @@ log_move(cfg, log_key, 'set', { reason = req.reason, ohb = p.on_hand, oha = req.
 emit(cfg, ev_key, 'position_set', '', '', now, { sku = req.sku, location = req.loc,
   on_hand_before = p.on_hand, on_hand_after = req.on_hand, safety_stock = ss, reason = req.reason })
 check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'set_position', '', now, req.prio)
+replen_check(cfg, pos_key, KEYS[8], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key) })

@@ -90,15 +90,15 @@ def _set_call(core: ATP, sku: str, on_hand: int) -> tuple[str, list[str], list[s
     b = core.keys.bucket(sku)
     bk = core.keys.bucket_keys(b)
     req = {"sku": sku, "loc": "W1", "b": b, "on_hand": on_hand, "reason": "bulk"}
-    keys = [k.pos, k.log, bk.events, k.lx, bk.res, bk.stats, bk.exc]
+    keys = [k.pos, k.log, bk.events, k.lx, bk.res, bk.stats, bk.exc, bk.rp]
     return "set_position", keys, [core._cfg("", ""), json.dumps(req)]
 
 
 def _receive_call(core: ATP, sku: str, qty: int) -> tuple[str, list[str], list[str]]:
     k = core.keys.position(sku, "W1")
-    ev = core.keys.events(core.keys.bucket(sku))
+    bk = core.keys.bucket_keys(core.keys.bucket(sku))
     req = {"sku": sku, "loc": "W1", "qty": qty, "ref": "PO"}
-    return "receive", [k.pos, k.log, ev], [core._cfg("", ""), json.dumps(req)]
+    return "receive", [k.pos, k.log, bk.events, bk.rp], [core._cfg("", ""), json.dumps(req)]
 
 
 async def _on_hand(core: ATP, sku: str) -> int:

@@ -817,10 +817,10 @@ class ATPMachine(RuleBasedStateMachine):
         ks = self.core.keys
         b = ks.bucket(p[0])
         bk, pk = ks.bucket_keys(b), ks.position(*p)
-        if name == "receive":  # pos, log, events
-            return name, [pk.pos, pk.log, bk.events], {"sku": p[0], "loc": p[1], **req}
-        # set_position and adjust: pos, log, events, lx, res, stats, exc, and the bucket
-        keys = [pk.pos, pk.log, bk.events, pk.lx, bk.res, bk.stats, bk.exc]
+        if name == "receive":  # pos, log, events, rp
+            return name, [pk.pos, pk.log, bk.events, bk.rp], {"sku": p[0], "loc": p[1], **req}
+        # set_position and adjust: pos, log, events, lx, res, stats, exc, rp, and the bucket
+        keys = [pk.pos, pk.log, bk.events, pk.lx, bk.res, bk.stats, bk.exc, bk.rp]
         return name, keys, {"sku": p[0], "loc": p[1], "b": b, **req}
 
     def _raw_reservation(
