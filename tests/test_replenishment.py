@@ -129,10 +129,11 @@ def test_order_up_to_covers_lead_time_plus_review() -> None:
 
 def test_compute_levels_from_a_series_counts_zero_days() -> None:
     series = [0, 10, 0, 30, 20, 0, 10]
-    mu, sigma, z, ss, rop, out = compute_levels(series, ReplenishmentSettings(0.95, 3, 0, 7))
+    mu, sigma, _, _, rop, out = compute_levels(series, ReplenishmentSettings(0.95, 3, 0, 7))
     assert mu == pytest.approx(10.0)
     assert sigma == pytest.approx(statistics.stdev(series))  # sample sd, n - 1
     assert rop == math.ceil(30 + 1.6448536 * sigma * math.sqrt(3))
+    assert out == rop  # no review period
 
 
 @pytest.mark.parametrize(
