@@ -383,3 +383,18 @@ async def test_race_mixed_reserve_release_signals_alternate(atp: ATP) -> None:
     assert (evs[-1]["type"] == "replenishment") == below
     rep = await verify(atp)
     assert rep.ok, rep.problems
+
+
+async def test_verify_checks_signal_flag_against_list(atp: ATP) -> None:
+    await atp.set_position("VF", "W1", 10, reason="init")
+    await atp.set_replenishment("VF", "W1", 20, 40)  # raised at once
+    assert (await verify(atp)).ok
+    rp = atp.keys.bucket_keys(atp.keys.bucket("VF")).rp
+    await atp.redis.hdel(rp, "VF|W1")  # break the book by hand
+    rep = await verify(atp)
+    assert any("VF@W1: signal flag 1 but not listed" in p for p in rep.problems), rep.problems
+    await atp.redis.hset(rp, mapping={"VF|W1": "{}", "GHOST|W1": "{}"})
+    rep = await verify(atp)
+    assert rep.problems == [
+        "GHOST@W1: an open replenishment signal for a position that does not exist"
+    ]
