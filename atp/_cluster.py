@@ -117,8 +117,10 @@ class ClusterMixin(AllocationMixin):
         calls: list[tuple[list[str], dict[str, Any]]] = []
         k = 1  # keys[0] is the index key, not sent on a cluster
         for p in req["parts"]:
-            pkeys = keys[k : k + 5 + 5 * p["n"]]
-            k += 5 + 5 * p["n"]
+            # the part's bucket keys, then five keys per line (agg, pos, hx, log, lx)
+            n = len(self._bucket_keys(p["b"])) + 5 * p["n"]
+            pkeys = keys[k : k + n]
+            k += n
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]
