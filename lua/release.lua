@@ -54,8 +54,8 @@ if req.rollback then
       end
       redis.call('ZREM', k.holds, req.id)
       redis.call('HDEL', k.res, req.id)
-      for li, l in ipairs(rec.lines) do replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now) end
       emit(cfg, k.events, 'rolled_back', req.id, rec.ch, now, { reason = 'another part of the reservation was refused' })
+      for li, l in ipairs(rec.lines) do replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now) end
       n = n + 1
     end
   end

@@ -123,3 +123,18 @@ async def test_levels_script_validates_before_writing(core: ATP) -> None:
     assert await core.redis.hgetall(key) == before
     with pytest.raises(UnknownPosition):
         await core.set_replenishment("L", "W2", 1, 2)
+
+
+async def test_routed_reservation_signals_the_location_that_took_it(core: ATP) -> None:
+    from atp.rules import parse_rules
+
+    await core.apply_rules(parse_rules({"channels": {"web": {"locations": ["W1", "W2"]}}}))
+    for loc in ("W1", "W2"):
+        await core.set_position("RT", loc, 10, reason="init")
+        await core.set_replenishment("RT", loc, 5, 20)
+    r = await core.reserve("rt1", "web", [("RT", None, 6)], hold_seconds=0)
+    assert [ln.location for ln in r.lines] == ["W1"]
+    assert (await is_open(core, "RT", "W1"), await is_open(core, "RT", "W2")) == (True, False)
+    r = await core.reserve("rt2", "web", [("RT", None, 7)], hold_seconds=0)  # W1 has 4: W2
+    assert [ln.location for ln in r.lines] == ["W2"]
+    assert (await is_open(core, "RT", "W1"), await is_open(core, "RT", "W2")) == (True, True)
