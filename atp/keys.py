@@ -15,8 +15,9 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 ``ch:<channel>`` (committed per channel); replenishment
                                 (atp.replenishment): ``rop``, ``out`` (reorder point,
                                 order-up-to), ``rs`` (1 while a signal is open),
-                                ``h:<day>`` (units committed that UTC day, the last
-                                120 days); readers ignore other ``<x>:`` fields
+                                ``h:<day>`` (units committed that UTC day: today and
+                                the 120 days before); readers ignore other ``<x>:``
+                                fields
 ``{p b}:hx:<sku>|<loc>``        zset: reservation id -> hold expiry (ms), holds on
                                 this position (reserve reclaims expired ones here)
 ``{p b}:log:<sku>|<loc>``       stream: the position's movement log (I5), append-only,

@@ -16,7 +16,7 @@ Levels are set directly (:meth:`~ReplenishmentMixin.set_replenishment`) or plann
 the demand history (:meth:`~ReplenishmentMixin.plan_replenishment`). Demand is recorded
 by the reserving script as commitments happen: the units of every accepted reservation
 line (held or confirmed) on the UTC day it was made, in the position's ``h:<day>``
-fields, the last :data:`HISTORY_DAYS` days. It is gross demand: a release or an expiry
+fields, today and the :data:`HISTORY_DAYS` days before. It is gross demand: a release or an expiry
 does not take it back (the customer asked for it that day).
 
 The plan, per SKU with planning settings (service level ``p``, lead time ``L`` days,

@@ -79,14 +79,15 @@ end
 local DAY_MS = 86400000
 local HISTORY_DAYS = 120
 
--- Keep a position's demand history to the last HISTORY_DAYS days. Called when a day's
--- bucket is first written, so at most once per position per day; bounded by the hash.
+-- Keep a position's demand history to today and the HISTORY_DAYS complete days before it
+-- (the longest window a plan reads). Called when a day's bucket is first written, so at
+-- most once per position per day; bounded by the hash.
 local function trim_history(pos_key, day)
   local names = redis.call('HKEYS', pos_key)
   for _, f in ipairs(names) do
     if string.sub(f, 1, 2) == 'h:' then
       local d = tonumber(string.sub(f, 3))
-      if d == nil or d <= day - HISTORY_DAYS then redis.call('HDEL', pos_key, f) end
+      if d == nil or d < day - HISTORY_DAYS then redis.call('HDEL', pos_key, f) end
     end
   end
 end

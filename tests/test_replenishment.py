@@ -289,14 +289,15 @@ async def test_demand_history_recorded_and_trimmed(atp: ATP) -> None:
     await atp.set_position("H", "W1", 100, reason="init")
     d = await today(atp)
     key = atp.keys.position("H", "W1").pos
-    old = {f"h:{d - 200}": 3, f"h:{d - HISTORY_DAYS}": 4, f"h:{d - HISTORY_DAYS + 1}": 5}
+    old = {f"h:{d - 200}": 3, f"h:{d - HISTORY_DAYS - 1}": 4, f"h:{d - HISTORY_DAYS}": 5}
     await atp.redis.hset(key, mapping=old)  # as if recorded on earlier days
     await atp.reserve("d1", "web", [("H", "W1", 2)], hold_seconds=0)
     await atp.reserve("d2", "web", [("H", "W1", 3)], hold_seconds=60)
     h = {
         k.decode(): int(v) for k, v in (await atp.redis.hgetall(key)).items() if k.startswith(b"h:")
     }
-    assert h == {f"h:{d - HISTORY_DAYS + 1}": 5, f"h:{d}": 5}  # the day's first commit trimmed
+    # the day's first commit trimmed: a window of HISTORY_DAYS days ending yesterday stays
+    assert h == {f"h:{d - HISTORY_DAYS}": 5, f"h:{d}": 5}
     # no levels set: a reserve pays no signal work and writes no signal state
     assert not await atp.redis.hexists(key, "rs")
 
