@@ -28,6 +28,7 @@ from .routes import (
     health,
     keys,
     positions,
+    replenishment,
     reservations,
     rules,
     verify,
@@ -219,6 +220,7 @@ def create_app(
         exceptions,
         counts,
         verify,
+        replenishment,
     ):
         app.include_router(r.router)
     fast = FastLane([*reservations.fast.routes, *availability.fast.routes], settings.max_body_bytes)

@@ -561,3 +561,94 @@ class Problem(BaseModel):
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the problem answers a route can give."""
     return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}
+
+
+# -- replenishment (atp.replenishment) ----------------------------------------------------
+
+
+class ReplenishmentLevelsIn(Strict):
+    """A position's reorder point and order-up-to level (whole units, order_up_to >=
+    reorder_point >= 0)."""
+
+    reorder_point: Units
+    order_up_to: Units
+
+
+class ReplenishmentLevelsOut(BaseModel):
+    sku: str
+    location: str
+    reorder_point: int | None
+    order_up_to: int | None
+    signal_open: bool = Field(description="a replenishment signal is open for the position")
+    signal: Literal["raised", "cleared"] | None = Field(
+        default=None, description="what this call did to the signal"
+    )
+
+
+class ReplenishmentSignalOut(BaseModel):
+    """An open signal: what to order at one position, and how much. Figures as they stand
+    now (inventory_position = on_hand + inbound - committed; suggested_qty = order_up_to -
+    inventory_position); raised_* as they were when the signal was raised."""
+
+    sku: str
+    location: str
+    on_hand: int
+    inbound: int
+    committed: int
+    inventory_position: int
+    reorder_point: int
+    order_up_to: int
+    suggested_qty: int
+    raised_at: str
+    raised_inventory_position: int
+
+
+class ReplenishmentPage(BaseModel):
+    items: list[ReplenishmentSignalOut]
+    next_after: str | None = Field(
+        description="pass as after= for the next page; null when this page is the last"
+    )
+
+
+class ReplenishmentSettingsIn(Strict):
+    """How a SKU's levels are planned: safety stock = z(service_level) x sd of daily demand
+    x sqrt(lead_time_days); reorder point = mean x lead time + safety stock; order-up-to =
+    mean x (lead + review) + z x sd x sqrt(lead + review)."""
+
+    service_level: Annotated[float, Field(gt=0, lt=1, examples=[0.95])]
+    lead_time_days: Annotated[float, Field(gt=0, le=3650, examples=[4])]
+    review_days: Annotated[float, Field(ge=0, le=3650)] = 7.0
+    window_days: Annotated[int, Field(ge=2, le=120), Whole] = 56
+
+
+class ReplenishmentSettingsOut(ReplenishmentSettingsIn):
+    sku: str
+
+
+class PlanBody(Strict):
+    skus: Annotated[list[Ident] | None, Field(max_length=1000)] = Field(
+        default=None,
+        description="only these SKUs (each must have settings); all planned if omitted",
+    )
+    dry_run: bool = False
+    apply_safety_stock: bool = Field(
+        default=False, description="also set each position's ATP safety stock to the computed one"
+    )
+
+
+class PlanRowOut(BaseModel):
+    sku: str
+    location: str
+    days: int
+    mean_daily_demand: float
+    std_daily_demand: float
+    z: float
+    safety_stock: float
+    reorder_point: int
+    order_up_to: int
+    applied: bool
+    signal: Literal["raised", "cleared"] | None
+
+
+class PlanOut(BaseModel):
+    items: list[PlanRowOut]

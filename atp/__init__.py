@@ -46,6 +46,12 @@ from .models import (
     ReservationLine,
     ScheduleDay,
 )
+from .replenishment import (
+    PlanRow,
+    ReplenishmentLevels,
+    ReplenishmentSettings,
+    ReplenishmentSignal,
+)
 from .rules import Rules, RulesDocument
 from .settings import Settings
 from .store import ATP
@@ -82,9 +88,13 @@ __all__ = [
     "NotConfirmed",
     "NotFound",
     "OverFulfil",
+    "PlanRow",
     "Position",
     "Promise",
     "Refused",
+    "ReplenishmentLevels",
+    "ReplenishmentSettings",
+    "ReplenishmentSignal",
     "Reservation",
     "ReservationLine",
     "Rules",

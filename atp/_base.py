@@ -118,7 +118,7 @@ class CoreBase:
         check_text(source, "source", 128, required=False)
         return _dumps({**self._cfg_base, "actor": actor, "source": source})
 
-    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str, str]:
+    def _make_bucket_keys(self, bucket: int) -> tuple[str, str, str, str, str, str]:
         return self.keys.bucket_keys(bucket).tuple()
 
     def _keys(
@@ -132,6 +132,13 @@ class CoreBase:
             for ln in lines:
                 keys += self._line_keys(ln[0], ln[1])
         return keys
+
+    def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
+        """KEYS of set_position, adjust and replen_levels: pos, log, events, lx, res, stats,
+        exc, sch, agg, bq, rp."""
+        agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
+        res, _, events, stats, exc, rp = self._bucket_keys(self.keys.bucket(sku))
+        return (pos, log, events, lx, res, stats, exc, sch, agg, bq, rp)
 
     def _make_line_keys(self, sku: str, location: str) -> tuple[str, str, str, str, str, str, str]:
         return self.keys.position(sku, location).line()

@@ -136,8 +136,10 @@ class ClusterMixin(AllocationMixin):
         k = 1  # keys[0] is the index key, not sent on a cluster
         per_line = len(self._line_keys("-", "-"))
         for p in req["parts"]:
-            pkeys = keys[k : k + 5 + per_line * p["n"]]
-            k += 5 + per_line * p["n"]
+            # the part's bucket keys, then its lines' keys (agg and the position's keys)
+            n = len(self._bucket_keys(p["b"])) + per_line * p["n"]
+            pkeys = keys[k : k + n]
+            k += n
             preq = {**req, "idx": False, "parts": [p]}
             if name == "fulfil":
                 mine = [ln for ln in req["lines"] if self.keys.bucket(ln["sku"]) == p["b"]]

@@ -86,8 +86,8 @@ class ReconcileMixin(CoreBase):
                 keys: list[str] = []
                 req_groups = []
                 for b, members in call:
-                    res, _, events, stats, exc = self._bucket_keys(b)
-                    keys += (events, res, stats, exc)
+                    res, _, events, stats, exc, rp = self._bucket_keys(b)
+                    keys += (events, res, stats, exc, rp)
                     for _, r in members:
                         # not through the reserve path's cache: a count names each
                         # position once, and would only push the hot ones out of it

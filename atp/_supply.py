@@ -46,11 +46,11 @@ class SupplyMixin(CoreBase):
 
     def _supply_keys(self, sku: str, location: str) -> tuple[str, ...]:
         """KEYS of inbound.lua and receive.lua: pos, log, events, lx, res, stats, exc, sch,
-        ib, agg, bq."""
+        ib, agg, bq, rp."""
         agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
-        res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
+        res, _, events, stats, exc, rp = self._bucket_keys(self.keys.bucket(sku))
         ib = self.keys.position(sku, location).ib
-        return (pos, log, events, lx, res, stats, exc, sch, ib, agg, bq)
+        return (pos, log, events, lx, res, stats, exc, sch, ib, agg, bq, rp)
 
     async def _supply(
         self, script: str, sku: str, location: str, req: dict[str, Any], actor: str, source: str

@@ -30,6 +30,12 @@ nothing. The count id it prints resumes an interrupted count without applying a 
 it as the next version; a document that does not validate is listed problem by problem
 (``path: message``), exit status 2, and nothing changes. ``atp rules show`` prints the
 rules in force (or ``--version N``) as YAML that ``atp rules apply`` takes back.
+
+``atp replenishment settings SKU --service-level P --lead-time DAYS [--review DAYS]
+[--window DAYS]`` stores how a SKU's levels are planned; ``atp replenishment plan
+[--sku SKU …] [--dry-run] [--apply-safety-stock] [--json]`` computes each planned
+position's reorder point and order-up-to level from its demand history and writes them
+(atp.replenishment); ``atp replenishment list`` prints the open signals (what to order).
 """
 
 from __future__ import annotations
@@ -761,6 +767,67 @@ def cmd_rules_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replenishment_settings(args: argparse.Namespace) -> int:
+    from .errors import InvalidRequest
+    from .replenishment import ReplenishmentSettings
+
+    st = ReplenishmentSettings(args.service_level, args.lead_time, args.review, args.window)
+    try:
+        _on_core(lambda core: core.set_replenishment_settings(args.sku, st, actor=_cli_actor()))
+    except InvalidRequest as e:
+        print(f"atp: {e.detail}; nothing stored", file=sys.stderr)
+        return 2
+    print(
+        f"{args.sku}: service level {st.service_level}, lead time {st.lead_time_days} days, "
+        f"review {st.review_days} days, window {st.window_days} days"
+    )
+    return 0
+
+
+def cmd_replenishment_plan(args: argparse.Namespace) -> int:
+    from .errors import InvalidRequest
+
+    try:
+        rows = _on_core(
+            lambda core: core.plan_replenishment(
+                args.sku or None,
+                dry_run=args.dry_run,
+                apply_safety_stock=args.apply_safety_stock,
+                actor=_cli_actor(),
+                source="cli",
+            )
+        )
+    except InvalidRequest as e:
+        print(f"atp: {e.detail}; nothing written", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    head = ("sku", "location", "mean/day", "sd/day", "z", "safety", "reorder pt", "order-up-to")
+    print("  ".join(f"{h:>12}" for h in head) + "  signal")
+    for r in rows:
+        cells = (r.sku, r.location, f"{r.mean_daily_demand:.2f}", f"{r.std_daily_demand:.2f}",
+                 f"{r.z:.3f}", f"{r.safety_stock:.1f}", r.reorder_point, r.order_up_to)  # fmt: skip
+        print("  ".join(f"{c:>12}" for c in cells) + f"  {r.signal or ''}")
+    what = "computed, nothing written (--dry-run)" if args.dry_run else "written"
+    print(f"{len(rows)} positions {what}")
+    return 0
+
+
+def cmd_replenishment_list(args: argparse.Namespace) -> int:
+    sigs = _on_core(lambda core: core.replenishment(limit=args.limit, sku=args.sku))
+    if args.json:
+        print(json.dumps([s.to_dict() for s in sigs], indent=2))
+        return 0
+    for s in sigs:
+        print(
+            f"{s.sku} at {s.location}: order {s.suggested_qty} (position {s.inventory_position}, "
+            f"reorder point {s.reorder_point}, order-up-to {s.order_up_to})"
+        )
+    print(f"{len(sigs)} open signals")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atp", description="Available-to-promise core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -898,6 +965,30 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--version", type=_version(1), metavar="N", help="an earlier version")
     rs.add_argument("--json", action="store_true", help="JSON, with version and when applied")
     rs.set_defaults(func=cmd_rules_show)
+    rp = sub.add_parser("replenishment", help="replenishment settings, plan and open signals")
+    rpsub = rp.add_subparsers(dest="replenishment_command", required=True)
+    rpc = rpsub.add_parser("settings", help="store how a SKU's levels are planned")
+    rpc.add_argument("sku")
+    rpc.add_argument("--service-level", type=float, required=True, help="0 < P < 1, e.g. 0.95")
+    rpc.add_argument("--lead-time", type=float, required=True, help="lead time in days (> 0)")
+    rpc.add_argument("--review", type=float, default=7.0, help="review period, days (default 7)")
+    rpc.add_argument("--window", type=int, default=56, help="days of history (default 56)")
+    rpc.set_defaults(func=cmd_replenishment_settings)
+    rpp = rpsub.add_parser("plan", help="compute and write reorder points from demand history")
+    rpp.add_argument("--sku", action="append", help="only this SKU (repeatable)")
+    rpp.add_argument("--dry-run", action="store_true", help="compute and print; write nothing")
+    rpp.add_argument(
+        "--apply-safety-stock",
+        action="store_true",
+        help="also set each position's ATP safety stock to the computed one",
+    )
+    rpp.add_argument("--json", action="store_true")
+    rpp.set_defaults(func=cmd_replenishment_plan)
+    rpl = rpsub.add_parser("list", help="the open signals: what to order, and how much")
+    rpl.add_argument("--sku")
+    rpl.add_argument("--limit", type=int, default=1000)
+    rpl.add_argument("--json", action="store_true")
+    rpl.set_defaults(func=cmd_replenishment_list)
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)

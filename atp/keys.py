@@ -12,7 +12,12 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
 
 ==============================  =====================================================
 ``{p b}:pos:<sku>|<loc>``       hash: ``on_hand``, ``committed``, ``safety_stock``,
-                                ``ch:<channel>`` (committed per channel)
+                                ``ch:<channel>`` (committed per channel); replenishment
+                                (atp.replenishment): ``rop``, ``out`` (reorder point,
+                                order-up-to), ``rs`` (1 while a signal is open),
+                                ``h:<day>`` (units committed that UTC day: today and
+                                the 120 days before); readers ignore other ``<x>:``
+                                fields
 ``{p b}:hx:<sku>|<loc>``        zset: reservation id -> hold expiry (ms), holds on
                                 this position (reserve reclaims expired ones here)
 ``{p b}:log:<sku>|<loc>``       stream: the position's movement log (I5), append-only,
@@ -45,6 +50,10 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
 ``{p b}:exc``                   hash: exception id -> JSON of the exceptions raised on
                                 the bucket's positions (oversell, short pick), open
                                 until an operator resolves them
+``{p b}:rp``                    hash: ``<sku>|<loc>`` -> JSON of the open replenishment
+                                signal of that position (raised, not yet cleared)
+``{p b}:rpc``                   hash: SKU -> JSON of its replenishment planning
+                                settings (service level, lead time, review period…)
 ``{p h}:rix``                   hash, in the *home* bucket ``h = bucket(reservation id)``:
                                 reservation id -> JSON index (fingerprint, parts, lines)
 ==============================  =====================================================
@@ -122,10 +131,11 @@ class BucketKeys:
     events: str
     stats: str
     exc: str
+    rp: str
 
-    def tuple(self) -> tuple[str, str, str, str, str]:
+    def tuple(self) -> tuple[str, str, str, str, str, str]:
         """In the order the scripts take them (``part_keys`` in lua/_lib.lua)."""
-        return (self.res, self.holds, self.events, self.stats, self.exc)
+        return (self.res, self.holds, self.events, self.stats, self.exc, self.rp)
 
 
 class KeySpace:
@@ -189,7 +199,13 @@ class KeySpace:
 
     def bucket_keys(self, bucket: int) -> BucketKeys:
         t = self._tag_cache[bucket]
-        return BucketKeys(f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats", f"{t}:exc")
+        return BucketKeys(
+            f"{t}:res", f"{t}:holds", f"{t}:events", f"{t}:stats", f"{t}:exc", f"{t}:rp"
+        )
+
+    def replen_settings(self, bucket: int) -> str:
+        """The replenishment planning settings of the bucket's SKUs: hash SKU -> JSON."""
+        return f"{self._tag_cache[bucket]}:rpc"
 
     def index(self, reservation_id: str) -> str:
         """The reservation index key, in the home bucket of the reservation id."""

@@ -40,6 +40,8 @@ NAMES = (
     "rules_bump",
     "count",
     "resolve",
+    "replen_levels",
+    "replen_config",
     "noop",
 )
 _INCLUDE = re.compile(r'^--- @include "([a-z_]+)"\s*$', re.MULTILINE)

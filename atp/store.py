@@ -55,12 +55,13 @@ from .models import (
     check_text,
     day_of,
 )
+from .replenishment import ReplenishmentMixin
 from .scripts import decode
 
 __all__ = ["ATP"]
 
 
-class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
+class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
     """The ATP core over one Redis connection pool.
 
     :param client: a ``redis.asyncio.Redis`` (``decode_responses`` may be on or off).
@@ -69,7 +70,8 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
     Positions and reservations are here; the shared plumbing is in ``atp._base``, the
     allocation rules and explain in ``atp._allocation``, cluster routing in
     ``atp._cluster``, counts and exceptions in ``atp._reconciliation``, expected receipts
-    and receipts in ``atp._supply``.
+    and receipts in ``atp._supply``, replenishment levels, signals and planning in
+    ``atp.replenishment``.
     """
 
     # -- positions -------------------------------------------------------------------------
@@ -190,13 +192,6 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin):
             self.keys.position(sku, location).log, top, "-", count=count
         )
         return [_movement(mid, fields or {}) for mid, fields in rows or []]
-
-    def _cover_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of set_position and adjust: pos, log, events, lx, res, stats, exc, sch, agg,
-        bq."""
-        agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
-        res, _, events, stats, exc = self._bucket_keys(self.keys.bucket(sku))
-        return (pos, log, events, lx, res, stats, exc, sch, agg, bq)
 
     # -- reservations ----------------------------------------------------------------------
 

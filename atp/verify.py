@@ -22,7 +22,12 @@ deployment (SCAN, so it never blocks the server) and checks:
 * **I5** each position's movement log chains (every entry starts where the one before
   ended) and ends at the position's current figures;
 * every index entry points at parts that exist, and every part at its index entry;
-* each bucket's unit totals (committed, held) equal its reservations' open units.
+* each bucket's unit totals (committed, held) equal its reservations' open units;
+* each open replenishment signal (``{p b}:rp``) belongs to a position whose signal flag is
+  set, and the other way round (atp.replenishment).
+
+Fields of a position hash named ``<x>:…`` other than ``ch:`` (demand history ``h:``, and
+what other features keep there) are not figures of the position and are not read.
 
 It is what the tests, ``atp verify`` (and ``GET /v1/verify``) and the load tests use to
 prove the book balances. Served, it shares the event loop with the other requests: every
@@ -151,16 +156,26 @@ async def verify(
     for rid in parts_seen.keys() - index.keys():
         problem(f"{rid}: parts without an index entry")
 
+    open_signals: set[tuple[str, str]] = set()
+    for b in range(ks.buckets):
+        async for member, _ in r.hscan_iter(ks.bucket_keys(b).rp, count=500):
+            s, _, loc = _s(member).partition("|")
+            open_signals.add((s, loc))
     seen_pos: set[tuple[str, str]] = set()
     async for key_raw in r.scan_iter(match=f"{ks.keys_pattern()[:-1]}pos:*", count=1000):
         key = _s(key_raw)
         sku, _, loc = key.split(":pos:", 1)[1].partition("|")
         seen_pos.add((sku, loc))
         rep.positions += 1
+        raw_pos = {_s(k): v for k, v in (await r.hgetall(key)).items()}
+        if (_s(raw_pos.get("rs", b"")) == "1") != ((sku, loc) in open_signals):
+            problem(
+                f"{sku}@{loc}: signal flag {_s(raw_pos.get('rs', b'')) or 'unset'} but "
+                f"{'listed' if (sku, loc) in open_signals else 'not listed'} as an open signal"
+            )
+        open_signals.discard((sku, loc))
         flat = {
-            _s(k): int(v)
-            for k, v in (await r.hgetall(key)).items()
-            if _s(k) in _FIGURES or _s(k).startswith(("ch:", "bp:"))
+            k: int(v) for k, v in raw_pos.items() if k in _FIGURES or k.startswith(("ch:", "bp:"))
         }
         oh, cm, ss = flat.get("on_hand", 0), flat.get("committed", 0), flat.get("safety_stock", 0)
         pk = ks.position(sku, loc)
@@ -211,6 +226,8 @@ async def verify(
             )
         if check_log:
             await _check_log(atp, sku, loc, oh, cm, rep, problem)
+    for sku, loc in sorted(open_signals)[:20]:
+        problem(f"{sku}@{loc}: an open replenishment signal for a position that does not exist")
     for i, ((sku, loc), o) in enumerate(open_pos.items()):
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)

@@ -45,7 +45,9 @@ local function read_pos(key)
            dated = tonumber(v[5] or '0'), bo = tonumber(v[6] or '0') }
 end
 
--- The whole position hash as the JSON-able reply shape.
+-- The whole position hash as the JSON-able reply shape. Fields named `<x>:…` other than
+-- `ch:` (demand history `h:<day>`, and what other features keep there) are not figures of
+-- the position: left out, whatever their prefix.
 local function pos_reply(key)
   local flat = redis.call('HGETALL', key)
   local p = { on_hand = 0, committed = 0, safety_stock = 0, inbound = 0, dated = 0, bo = 0, ch = {} }
@@ -77,6 +79,62 @@ local function emit(cfg, ev_key, etype, rid, channel, at, data)
     'actor', str(cfg.actor), 'data', data)
 end
 
+-- Replenishment (atp.replenishment). Days are UTC days since the epoch: floor(ms / 86400000).
+local DAY_MS = 86400000
+local HISTORY_DAYS = 120
+
+-- Keep a position's demand history to today and the HISTORY_DAYS complete days before it
+-- (the longest window a plan reads). Called when a day's bucket is first written, so at
+-- most once per position per day; bounded by the hash.
+local function trim_history(pos_key, day)
+  local names = redis.call('HKEYS', pos_key)
+  for _, f in ipairs(names) do
+    if string.sub(f, 1, 2) == 'h:' then
+      local d = tonumber(string.sub(f, 3))
+      if d == nil or d < day - HISTORY_DAYS then redis.call('HDEL', pos_key, f) end
+    end
+  end
+end
+
+-- The replenishment signal of one position, re-evaluated after a script changed its
+-- on_hand, committed, inbound or backorders: inventory position = on_hand + inbound -
+-- committed - backordered (units backorders wait for: demand not yet committed).
+-- At or below the reorder point (`rop`) a signal is raised once (`rs` = 1, an entry in
+-- the bucket's open-signal hash `rp_key`, a `replenishment` event on the outbox) and not
+-- again until the position rises above the reorder point, which clears it (a
+-- `replenishment_cleared` event). A position without a reorder point costs one HMGET.
+-- Returns 'raised', 'cleared' or nil.
+local function replen_check(cfg, pos_key, rp_key, ev_key, sku, loc, now)
+  local v = redis.call('HMGET', pos_key, 'rop', 'on_hand', 'committed', 'inbound', 'out', 'rs', 'bo')
+  if not v[1] then return nil end
+  local rop = tonumber(v[1])
+  local oh, cm, inb = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  local bo = tonumber(v[7] or '0')
+  -- backorders are demand not yet committed: they lower the inventory position too
+  local ip = oh + inb - cm - bo
+  local open = v[6] == '1'
+  local member = sku .. '|' .. loc
+  if ip <= rop then
+    if open then return nil end
+    local out = tonumber(v[5] or v[1])
+    local d = { sku = sku, location = loc, on_hand = oh, inbound = inb, committed = cm,
+      backordered = bo, inventory_position = ip, reorder_point = rop, order_up_to = out,
+      suggested_qty = out - ip, raised_at = now }
+    redis.call('HSET', pos_key, 'rs', 1)
+    redis.call('HSET', rp_key, member, cjson.encode(d))
+    emit(cfg, ev_key, 'replenishment', '', '', now, d)
+    return 'raised'
+  elseif open then
+    redis.call('HDEL', pos_key, 'rs')
+    redis.call('HDEL', rp_key, member)
+    emit(cfg, ev_key, 'replenishment_cleared', '', '', now, { sku = sku, location = loc,
+      on_hand = oh, inbound = inb, committed = cm, backordered = bo, inventory_position = ip,
+      reorder_point = rop })
+    return 'cleared'
+  end
+  return nil
+end
+
 -- Units a reservation line still holds committed: not shipped and not released. Units
 -- reported short stay open (the order still wants them) until shipped or released.
 local function line_open(l)
@@ -96,7 +154,15 @@ end
 -- its channel, and the SKU's totals per channel and per customer (caps, buyer limits).
 -- A dated reservation (`part.rd`, its requested day) also keeps the position's dated
 -- schedule: `dated` in the position and `d:<day>` in `sch` (time-phased ATP).
+-- A positive commitment (reserve: held or confirmed, made at `part.cr`) is also the
+-- position's demand of that day, `h:<day>` (gross: a later release does not take it back).
 local function commit_units(lk, part, qty)
+  if qty > 0 and part.cr then
+    local day = math.floor(part.cr / DAY_MS)
+    if redis.call('HINCRBY', lk.pos, 'h:' .. string.format('%d', day), qty) == qty then
+      trim_history(lk.pos, day)
+    end
+  end
   local after = redis.call('HINCRBY', lk.pos, 'committed', qty)
   redis.call('HINCRBY', lk.pos, 'ch:' .. part.ch, qty)
   if part.rd then
@@ -498,9 +564,9 @@ local function bucket_rules_version(stats_key)
   return tonumber(redis.call('HGET', stats_key, 'rv') or '0')
 end
 
--- Walk KEYS for a reservation call: optional index key, then per part five bucket keys
--- (res, holds, events, stats, exc) followed, per line, by the SKU's totals key (agg) and six
--- keys per candidate position (pos, hx, log, lx, sch, bq). A line has one candidate unless reserve
+-- Walk KEYS for a reservation call: optional index key, then per part six bucket keys
+-- (res, holds, events, stats, exc, rp) followed, per line, by the SKU's totals key (agg) and
+-- six keys per candidate position (pos, hx, log, lx, sch, bq). A line has one candidate unless reserve
 -- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
 -- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
 -- and a refusal when KEYS does not match the request.
@@ -511,9 +577,9 @@ local function part_keys(with_index, parts)
   local out = {}
   for pi, p in ipairs(parts) do
     local e = { res = KEYS[k], holds = KEYS[k + 1], events = KEYS[k + 2], stats = KEYS[k + 3],
-                exc = KEYS[k + 4],
+                exc = KEYS[k + 4], rp = KEYS[k + 5],
                 lines = {}, cands = {} }
-    k = k + 5
+    k = k + 6
     for li = 1, p.n do
       local agg = KEYS[k]
       k = k + 1

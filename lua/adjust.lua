@@ -9,6 +9,7 @@ KEYS:
   [6] stats  bucket totals (exception numbers)    [7] exc  bucket exceptions hash
   [8] sch    position dated schedule (time-phased cover)
   [9] agg    the SKU's totals    [10] bq  position backorder queue (filled when supply rises)
+  [11] rp     bucket open replenishment signals
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), delta, reason, ref, prio (optional, as set_position)}
@@ -20,7 +21,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 10 then return refuse('bad_request', 'expected 10 keys') end
+if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -49,4 +50,5 @@ emit(cfg, ev_key, 'adjusted', '', '', now, { sku = req.sku, location = req.loc, 
 if req.delta < 0 then check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'adjust', '', now, req.prio) end
 local filled = {}
 if req.delta > 0 then filled = fill_backorders(cfg, lk, bk, now) end
+replen_check(cfg, pos_key, KEYS[11], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key), filled = filled })

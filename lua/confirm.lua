@@ -1,6 +1,6 @@
 --[[ confirm: a held reservation becomes confirmed; its expiry is dropped.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats/exc/rp, per line
       agg then pos/hx/log/lx/sch/bq
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}

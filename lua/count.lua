@@ -30,8 +30,8 @@ keeps its last few applied counts in field `cc` (with when each was applied, `ap
 its ordinal `n`); when more counts were applied after the row's time than it keeps, the
 row is refused as before_retention too.
 
-KEYS: per group (one bucket): events | res | stats | exc, then per row: pos | log | lx | sch |
-      agg | bq (a count that raises on hand fills the position's backorders)
+KEYS: per group (one bucket): events | res | stats | exc | rp, then per row: pos | log | lx |
+      sch | agg | bq (a count that raises on hand fills the position's backorders)
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source, skew (ms), risk_max}
   [2] req  JSON {cid (count id), dry (bool: decide, write nothing), prio ({channel:
@@ -52,7 +52,7 @@ if type(req.groups) ~= 'table' then return refuse('bad_request', 'groups must be
 local want = 0
 for _, g in ipairs(req.groups) do
   if not is_int(g.b, 0, 16383) or type(g.rows) ~= 'table' then return refuse('bad_request', 'each group needs b and rows') end
-  want = want + 4 + 6 * #g.rows
+  want = want + 5 + 6 * #g.rows
 end
 if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the rows') end
 
@@ -86,8 +86,8 @@ end
 
 local k = 1
 for _, g in ipairs(req.groups) do
-  local bk = { events = KEYS[k], res = KEYS[k + 1], stats = KEYS[k + 2], exc = KEYS[k + 3] }
-  k = k + 4
+  local bk = { events = KEYS[k], res = KEYS[k + 1], stats = KEYS[k + 2], exc = KEYS[k + 3], rp = KEYS[k + 4] }
+  k = k + 5
   for _, r in ipairs(g.rows) do
     local lk = { pos = KEYS[k], log = KEYS[k + 1], lx = KEYS[k + 2], sch = KEYS[k + 3],
                  agg = KEYS[k + 4], bq = KEYS[k + 5] }
@@ -194,6 +194,7 @@ for _, g in ipairs(req.groups) do
                   local filled = fill_backorders(cfg, lk, bk, now)
                   if #filled > 0 then res.filled = filled end
                 end
+                replen_check(cfg, lk.pos, bk.rp, bk.events, r.sku, r.loc, now)
               end
             end
           end

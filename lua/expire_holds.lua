@@ -10,6 +10,7 @@ KEYS:
   [3] events bucket outbox stream
   [4] stats  bucket hash of unit totals
   [5] exc    bucket hash of exceptions (not written here)
+  [6] rp     bucket hash of open replenishment signals
   then, per candidate, per line of its part: agg | pos | hx | log | lx | sch | bq
 Units a hold gives back fill the position's waiting backorders (fill_backorders).
 ARGV:
@@ -24,17 +25,17 @@ Returns JSON:
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
 if type(req.ids) ~= 'table' then return refuse('bad_request', 'ids must be a list') end
-local want = 5
+local want = 6
 for _, c in ipairs(req.ids) do
   if not is_text(c.id, 128) or not is_int(c.n, 1, 10000) then return refuse('bad_request', 'bad candidate') end
   want = want + 7 * c.n
 end
 if want ~= #KEYS then return refuse('bad_request', 'KEYS do not match the candidates') end
-local res_key, holds_key, ev_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local res_key, holds_key, ev_key, stats_key, rp_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 
 local now = now_ms()
 local expired, units = {}, 0
-local k = 6
+local k = 7
 for _, c in ipairs(req.ids) do
   local raw = redis.call('HGET', res_key, c.id)
   local rec = raw and cjson.decode(raw)
@@ -55,6 +56,7 @@ for _, c in ipairs(req.ids) do
         l.released = l.released + open
         units = units + open
         changed = true
+        lk.sku, lk.loc = l.sku, l.loc
       end
       redis.call('ZREM', lk.hx, c.id)
     end
@@ -73,6 +75,7 @@ for _, c in ipairs(req.ids) do
     end
     for _, lk in ipairs(freed) do
       fill_backorders(cfg, lk, { res = res_key, events = ev_key, stats = stats_key }, now)
+      replen_check(cfg, lk.pos, rp_key, ev_key, lk.sku, lk.loc, now)
     end
   elseif not rec or (rec.st ~= 'held' and rec.st ~= 'expired') then
     redis.call('ZREM', holds_key, c.id)

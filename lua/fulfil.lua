@@ -11,7 +11,7 @@ position no longer covers its commitments (I1); both name the reservations the s
 rule (at_risk in _lib.lua) puts at risk to cover the shortfall. When no line has units open any more the
 reservation is fulfilled. Each call is idempotent by its fulfilment id `fid`.
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats/exc/rp, per line
       agg then pos/hx/log/lx
 ARGV:
   [1] cfg  JSON {max_qty, log_max, ev_max, actor, source}
@@ -170,8 +170,11 @@ for _, h in ipairs(plan) do
   emit(cfg, pk[h.pi].events, 'fulfil', req.id, recs[h.pi].ch, now, { fulfilment = req.fid,
     sku = h.f.sku, location = h.f.loc, shipped = h.f.shipped, short = h.f.short })
 end
--- a remainder released gives units back: the position's backorders may fill
+-- a remainder released gives units back: the position's backorders may fill; then the
+-- replenishment signal sees the position as it is left
 for _, h in ipairs(plan) do
-  if h.f.rr then fill_backorders(cfg, pk[h.pi].lines[h.li], pk[h.pi], now) end
+  local k = pk[h.pi]
+  if h.f.rr then fill_backorders(cfg, k.lines[h.li], k, now) end
+  replen_check(cfg, k.lines[h.li].pos, k.rp, k.events, h.f.sku, h.f.loc, now)
 end
 return cjson.encode({ ok = 1, replay = 0, parts = recs })

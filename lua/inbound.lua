@@ -15,7 +15,8 @@ KEYS:
   [6] stats  bucket totals    [7] exc  bucket exceptions      [8] sch  position schedule
   [9] ib     position's open expected receipts
   [10] agg   the SKU's totals (unused)    [11] bq  backorder queue (unused: backorders wait for
-             the shelf, not for inbound)
+             the shelf, not for inbound)    [12] rp  bucket open replenishment signals (inbound
+             is in the inventory position: expecting more may clear a signal, less raise one)
 ARGV:
   [1] cfg  JSON {max_on_hand, ev_max, actor, source, risk_max}
   [2] req  JSON {op: "expect" | "amend" | "cancel", sku, loc, b (bucket), ref,
@@ -32,7 +33,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
+if #KEYS ~= 12 then return refuse('bad_request', 'expected 12 keys') end
 if req.op ~= 'expect' and req.op ~= 'amend' and req.op ~= 'cancel' then
   return refuse('bad_request', 'op must be expect, amend or cancel')
 end
@@ -63,6 +64,7 @@ local function move(day, units)
 end
 
 local function reply(e, replay, exc_id)
+  if replay == 0 then replen_check(cfg, pos_key, KEYS[12], ev_key, req.sku, req.loc, now) end
   return cjson.encode({ ok = 1, inbound = e or cjson.null, replay = replay,
     position = pos_reply(pos_key), exception = exc_id })
 end

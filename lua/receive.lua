@@ -12,6 +12,7 @@ KEYS:
   [4] lx     position live index   [5] res  bucket reservation parts   [6] stats  bucket totals
   [7] exc    bucket exceptions     [8] sch  position schedule     [9] ib  open expected receipts
   [10] agg   the SKU's totals      [11] bq  position backorder queue (filled from what arrives)
+  [12] rp    bucket open replenishment signals
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), qty, ref, close (bool, optional), prio (optional)}
@@ -25,7 +26,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
+if #KEYS ~= 12 then return refuse('bad_request', 'expected 12 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -76,5 +77,6 @@ if cut > 0 then
   if ex then exc_id = ex.id end
 end
 local filled = fill_backorders(cfg, lk, bk, now)
+replen_check(cfg, pos_key, KEYS[12], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key), inbound = ent or cjson.null, exception = exc_id,
   filled = filled })

@@ -2,7 +2,7 @@
 positions' waiting backorders (fill_backorders). Releasing a backorder cancels it: it
 leaves its position's queue (it held no units).
 
-KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats, per line
+KEYS: as reserve (part_keys): [rix when req.idx], per part res/holds/events/stats/exc/rp, per line
       agg then pos/hx/log/lx/sch/bq
 ARGV:
   [1] cfg  JSON {log_max, ev_max, actor, source}
@@ -58,6 +58,7 @@ if req.rollback then
       redis.call('HDEL', k.res, req.id)
       for li in ipairs(rec.lines) do fill_backorders(cfg, k.lines[li], k, now) end
       emit(cfg, k.events, 'rolled_back', req.id, rec.ch, now, { reason = 'another part of the reservation was refused' })
+      for li, l in ipairs(rec.lines) do replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now) end
       n = n + 1
     end
   end
@@ -84,6 +85,7 @@ if st == 'backordered' then
     emit(cfg, k.events, 'released', req.id, rec.ch, now, { reason = rec.rsn, backorder = true })
     -- those behind it may now fit
     fill_backorders(cfg, k.lines[1], k, now)
+    replen_check(cfg, k.lines[1].pos, k.rp, k.events, rec.lines[1].sku, rec.lines[1].loc, now)
   end
   return cjson.encode({ ok = 1, replay = 0, parts = recs })
 end
@@ -119,7 +121,10 @@ for pi, rec in ipairs(recs) do
     if was ~= final then emit(cfg, k.events, final, req.id, rec.ch, now, { reason = reason }) end
   end
   if changed then
-    for li in ipairs(rec.lines) do fill_backorders(cfg, k.lines[li], k, now) end
+    for li, l in ipairs(rec.lines) do
+      fill_backorders(cfg, k.lines[li], k, now)
+      replen_check(cfg, k.lines[li].pos, k.rp, k.events, l.sku, l.loc, now)
+    end
   end
 end
 local replay = 0

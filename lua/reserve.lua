@@ -7,6 +7,7 @@ KEYS (walked by part_keys):
   then, per part p (one per bucket the lines fall in):
     res    bucket hash of reservation parts      holds  bucket zset of held parts
     events bucket outbox stream                  stats  bucket hash of unit totals (+ rv)
+    exc    bucket exceptions hash                rp     bucket open replenishment signals
     then, per line of p: agg  the SKU's totals hash (committed per channel and customer)
       then per candidate location of the line (one unless routed):
         pos  position hash | hx  position hold zset | log  position stream | lx  live index
@@ -173,6 +174,7 @@ for pi, p in ipairs(req.parts) do
       -- units lapsed holds give back go first to the backorders waiting for them
       if reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim) > 0 then
         fill_backorders(cfg, lk, e, now)
+        replen_check(cfg, lk.pos, e.rp, e.events, l.sku, locs[ci], now)
       end
     end
   end
@@ -313,6 +315,7 @@ if #short > 0 and req.bo and short[1].limited_by ~= 'cap' then
     redis.call('HSET', idx, req.id, cjson.encode(ie))
   end
   emit(cfg, e.events, 'backordered', req.id, req.ch, now, rec_json)
+  replen_check(cfg, e.cands[1][1].pos, e.rp, e.events, l1.sku, l1.loc, now)
   return '{"ok":1,"replay":0,"st":"backordered","cr":' .. string.format('%d', now) ..
     ',"ex":0,"rv":' .. string.format('%d', req.rv) .. '}'
 end
@@ -359,6 +362,12 @@ for pi, p in ipairs(req.parts) do
   if held then redis.call('ZADD', e.holds, ex, req.id) end
   -- the event carries the part as stored (status, expiry, lines, rules version)
   emit(cfg, e.events, 'reserved', req.id, req.ch, now, rec_json)
+  for li, l in ipairs(p.lines) do
+    local locs = l.locs or { l.loc }
+    for _, t in ipairs(plan[pi][li]) do
+      replen_check(cfg, e.cands[li][t[1]].pos, e.rp, e.events, l.sku, locs[t[1]], now)
+    end
+  end
 end
 if idx then
   local ie = { fp = req.fp, ch = req.ch, cr = now, parts = index_parts }

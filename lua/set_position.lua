@@ -9,6 +9,7 @@ KEYS:
   [6] stats  bucket totals (exception numbers)    [7] exc  bucket exceptions hash
   [8] sch    position dated schedule (time-phased cover)
   [9] agg    the SKU's totals    [10] bq  position backorder queue (filled when supply rises)
+  [11] rp     bucket open replenishment signals
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), on_hand, safety_stock (omit to keep), reason,
@@ -21,7 +22,7 @@ Returns JSON:
 
 local cfg = cjson.decode(ARGV[1])
 local req = cjson.decode(ARGV[2])
-if #KEYS ~= 10 then return refuse('bad_request', 'expected 10 keys') end
+if #KEYS ~= 11 then return refuse('bad_request', 'expected 11 keys') end
 if not is_int(req.b, 0, 16383) then return refuse('bad_request', 'b must be the bucket number') end
 if req.prio ~= nil and type(req.prio) ~= 'table' then return refuse('bad_request', 'prio must be a map of channel priorities') end
 if not is_text(req.sku, 64) or not is_text(req.loc, 64) then return refuse('bad_request', 'sku and location are required') end
@@ -46,4 +47,5 @@ emit(cfg, ev_key, 'position_set', '', '', now, { sku = req.sku, location = req.l
   on_hand_before = p.on_hand, on_hand_after = req.on_hand, safety_stock = ss, reason = req.reason })
 check_cover(cfg, lk, bk, req.b, req.sku, req.loc, 'set_position', '', now, req.prio)
 local filled = fill_backorders(cfg, lk, bk, now)
+replen_check(cfg, pos_key, KEYS[11], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key), filled = filled })

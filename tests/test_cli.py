@@ -508,3 +508,37 @@ async def test_verify_checks_a_clients_record_of_acknowledged_reservations(
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     out = await cli("verify", "--acknowledged", str(tmp_path / "broken.jsonl"))
     assert out.returncode == 2 and "not JSON" in out.stderr
+
+
+# -- atp replenishment -----------------------------------------------------------------------
+
+
+async def test_replenishment_settings_plan_and_list(cli: Cli, atp: ATP) -> None:
+    await atp.set_position("RP-1", "DC1", 100, reason="init")
+    bad = await cli(
+        "replenishment", "settings", "RP-1", "--service-level", "1.5", "--lead-time", "3"
+    )
+    assert bad.returncode == 2 and "service_level" in bad.stderr
+    assert await atp.replenishment_settings("RP-1") is None
+    ok = await cli(
+        "replenishment", "settings", "RP-1", "--service-level", "0.95", "--lead-time", "4",
+        "--review", "0", "--window", "7",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    dry = await cli("replenishment", "plan", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    [row] = json.loads(dry.stdout)
+    assert (row["sku"], row["location"], row["applied"], row["days"]) == ("RP-1", "DC1", False, 7)
+    lv = await atp.replenishment_levels("RP-1", "DC1")
+    assert lv is not None and lv.reorder_point is None  # a dry run writes nothing
+    done = await cli("replenishment", "plan", "--sku", "RP-1")
+    assert done.returncode == 0 and "1 positions written" in done.stdout, done.stderr
+    lv = await atp.replenishment_levels("RP-1", "DC1")
+    assert lv is not None and lv.reorder_point == 0  # no demand before today
+    await atp.set_replenishment("RP-1", "DC1", 40, 150)
+    await atp.reserve("rp-big", "b2b", [("RP-1", "DC1", 70)], hold_seconds=0)
+    listed = await cli("replenishment", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "RP-1 at DC1: order 120 (position 30, reorder point 40" in listed.stdout
+    unplanned = await cli("replenishment", "plan", "--sku", "NOPE")
+    assert unplanned.returncode == 2 and "no replenishment settings" in unplanned.stderr

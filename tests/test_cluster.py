@@ -237,3 +237,26 @@ async def test_an_interrupted_apply_on_a_cluster_is_finished_by_the_next_reserve
         await core.reserve("m2", "market", [(a, "W", 1)], customer_id="c1")
     assert (await core.rules(max_age=3600)).version == v1.version + 1
     assert (await verify(core)).ok
+
+
+async def test_replenishment_signals_on_a_cluster(core: ATP) -> None:
+    """A multi-slot reservation raises each position's signal in its own slot; the list,
+    the plan's position scan and the release that clears them work across masters."""
+    from atp import ReplenishmentSettings
+
+    a, b, c = skus_on_distinct_nodes(core, 3)
+    for sku in (a, b, c):
+        await core.set_position(sku, "W", 10, reason="init")
+        await core.set_replenishment(sku, "W", 5, 20)
+    await core.reserve("rp", "web", [(a, "W", 6), (b, "W", 2), (c, "W", 5)], hold_seconds=0)
+    sigs = await core.replenishment()
+    assert sorted((s.sku, s.suggested_qty) for s in sigs) == sorted([(a, 16), (c, 15)])
+    await core.set_replenishment_settings(b, ReplenishmentSettings(0.95, 2, 0, 7))
+    [row] = await core.plan_replenishment(dry_run=True)
+    assert (row.sku, row.location) == (b, "W")
+    rep = await verify(core)
+    assert rep.ok, rep.problems
+    await core.release("rp")
+    assert await core.replenishment() == []
+    rep = await verify(core)
+    assert rep.ok, rep.problems

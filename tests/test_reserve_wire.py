@@ -290,7 +290,7 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rule
     want_keys = [core.keys.index("ord-1.a:b")]
     for b, sl in parts.items():
         bk = core.keys.bucket_keys(b)
-        want_keys += [bk.res, bk.holds, bk.events, bk.stats, bk.exc]
+        want_keys += [bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp]
         for sku, loc, _q, cands, *_ in sl:
             if cands is None:
                 want_keys += core.keys.position(sku, loc or "").line()

@@ -169,6 +169,8 @@ class ATPMachine(RuleBasedStateMachine):
         self.max_oh = self.cfg.max_on_hand
         self.max_hold = self.cfg.max_hold_seconds
         self.ev_keys = sorted({self.core._events(sku) for sku, _ in POSITIONS})
+        # replenishment levels set per position (reorder point, order-up-to)
+        self.levels: dict[Pos, tuple[int, int]] = {}
 
     def teardown(self) -> None:
         self.run(self.core.aclose())
@@ -326,6 +328,18 @@ class ATPMachine(RuleBasedStateMachine):
             self._adjust(p, delta, data.draw(st.sampled_from(["damaged", "found"])))
         else:
             self._receive(p, data.draw(st.integers(1, 10)), "PO-7")
+
+    @rule(p=st.sampled_from(POSITIONS), rop=st.integers(0, 20), extra=st.integers(0, 10))
+    def set_replenishment(self, p: Pos, rop: int, extra: int) -> None:
+        """Replenishment levels; the signal is re-evaluated at once (checked after every
+        step: open exactly when on_hand - committed is at or below the reorder point)."""
+        if p not in self.pos:
+            self.expect(
+                self.core.set_replenishment(*p, rop, rop + extra), UnknownPosition, changes=False
+            )
+            return
+        self.expect(self.core.set_replenishment(*p, rop, rop + extra), None, changes=True)
+        self.levels[p] = (rop, rop + extra)
 
     POSITION_CASES = (
         "set -1",
@@ -1022,7 +1036,16 @@ class ATPMachine(RuleBasedStateMachine):
                 m = self.pos.get((a.sku, a.location))
                 assert a.exists == (m is not None)
                 assert a.atp == (max(0, m.available) if m else 0)
-        rep = await verify(core, allow_uncovered=True)
+        # replenishment: every script that moved a position re-evaluated its signal
+        for p, (rop, _) in self.levels.items():
+            oh, cm, rs = await self.client.hmget(
+                core.keys.position(*p).pos, "on_hand", "committed", "rs"
+            )
+            ip = int(oh) - int(cm)
+            assert (rs == b"1") == (ip <= rop), (
+                f"{p}: inventory position {ip}, reorder point {rop}, signal {rs!r}"
+            )
+        rep = await verify(core, allow_uncovered=True)  # also: signal flags match the lists
         assert rep.ok, rep.problems
         assert sorted(rep.uncovered) == sorted(
             f"{s}@{loc}" for (s, loc), m in self.pos.items() if m.uncovered

@@ -824,22 +824,22 @@ async def test_lua_expire_holds_validates(book: ATP) -> None:
     cfg = book._cfg("worker", "test")
     before = await dump_all(book)
     for keys, req in [
-        ([bk.res, bk.holds, bk.events, bk.stats, bk.exc], {"ids": "held1"}),
-        ([bk.res, bk.holds, bk.events, bk.stats, bk.exc], {}),
+        ([bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp], {"ids": "held1"}),
+        ([bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp], {}),
         (
-            [bk.res, bk.holds, bk.events, bk.stats, bk.exc],
+            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp],
             {"ids": [{"id": "held1", "n": 1}]},
         ),  # keys short
         (
-            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, *pk.line()],
+            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp, *pk.line()],
             {"ids": [{"id": "held1", "n": 0}]},
         ),
         (
-            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, *pk.line()],
+            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp, *pk.line()],
             {"ids": [{"id": "", "n": 1}]},
         ),
         (
-            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, *pk.line()],
+            [bk.res, bk.holds, bk.events, bk.stats, bk.exc, bk.rp, *pk.line()],
             {"ids": [{"id": "held1", "n": 1.5}]},
         ),
     ]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -21,6 +22,8 @@ from ..schemas import (
     PositionOut,
     PositionSet,
     ReceiveBody,
+    ReplenishmentLevelsIn,
+    ReplenishmentLevelsOut,
     problem_responses,
 )
 
@@ -196,3 +199,40 @@ async def movements(
     items = await core_of(request).movements(sku, location, count=limit, before=before)
     nxt = items[-1].id if len(items) == limit else None
     return JSONResponse({"items": [convert.movement(m) for m in items], "next_before": nxt})
+
+
+@router.put(
+    "/{sku}/{location}/replenishment", response_model=ReplenishmentLevelsOut, responses=BODY_ERRORS
+)
+async def set_replenishment(
+    sku: SkuPath, location: LocPath, body: ReplenishmentLevelsIn, request: Request, who: Admin
+) -> JSONResponse:
+    """Set the position's reorder point and order-up-to level; the signal is re-evaluated."""
+    lv = await core_of(request).set_replenishment(
+        sku, location, body.reorder_point, body.order_up_to, actor=who.key_id, source="api"
+    )
+    return JSONResponse(asdict(lv))
+
+
+@router.get(
+    "/{sku}/{location}/replenishment", response_model=ReplenishmentLevelsOut, responses=ERRORS
+)
+async def get_replenishment(
+    sku: SkuPath, location: LocPath, request: Request, who: Reader
+) -> JSONResponse:
+    """The position's reorder point, order-up-to level and whether a signal is open."""
+    lv = await core_of(request).replenishment_levels(sku, location)
+    if lv is None:
+        raise UnknownPosition(f"no position for {sku} at {location}")
+    return JSONResponse(asdict(lv))
+
+
+@router.delete(
+    "/{sku}/{location}/replenishment", response_model=ReplenishmentLevelsOut, responses=ERRORS
+)
+async def clear_replenishment(
+    sku: SkuPath, location: LocPath, request: Request, who: Admin
+) -> JSONResponse:
+    """Remove the position's levels; an open signal is cleared (admin)."""
+    lv = await core_of(request).clear_replenishment(sku, location, actor=who.key_id, source="api")
+    return JSONResponse(asdict(lv))

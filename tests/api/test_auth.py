@@ -110,6 +110,22 @@ OPS = [
         "/v1/availability/promise",
         params={"sku": "SKU-1", "location": "DC1", "channel": "web", "qty": 1},
     ),
+    Op(
+        "put_replen",
+        "PUT",
+        "/v1/positions/SKU-1/DC1/replenishment",
+        {"reorder_point": 10, "order_up_to": 50},
+    ),
+    Op("get_replen", "GET", "/v1/positions/SKU-1/DC1/replenishment"),
+    Op("delete_replen", "DELETE", "/v1/positions/SKU-1/DC1/replenishment"),
+    Op("list_replen", "GET", "/v1/replenishment"),
+    Op(
+        "put_replen_settings",
+        "PUT",
+        "/v1/replenishment/settings/SKU-1",
+        {"service_level": 0.95, "lead_time_days": 3},
+    ),
+    Op("plan_replen", "POST", "/v1/replenishment/plan", {"dry_run": True}),
 ]
 
 # what each role gets on each operation: OK (the operation's success status) or (status, type)
@@ -172,6 +188,13 @@ EXPECT: dict[str, dict[str, Any]] = {
         "web": FORBIDDEN,
         "mkt": FORBIDDEN,
     },
+    # replenishment: set and plan with admin, read with the read scope (as positions)
+    "put_replen": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "get_replen": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "delete_replen": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "list_replen": {"admin": OK, "read": OK, "fulfil": FORBIDDEN, "web": FORBIDDEN},
+    "put_replen_settings": {"admin": OK, "read": FORBIDDEN, "web": FORBIDDEN},
+    "plan_replen": {"admin": OK, "read": FORBIDDEN, "fulfil": FORBIDDEN, "web": FORBIDDEN},
 }
 CASES = [(op, role) for op in OPS for role in EXPECT[op.name]]
 
@@ -240,6 +263,14 @@ def test_the_matrix_covers_every_route(app: FastAPI) -> None:
         ("PATCH", "/v1/positions/{sku}/{location}/inbound/{reference}"),
         ("DELETE", "/v1/positions/{sku}/{location}/inbound/{reference}"),
         ("GET", "/v1/availability/promise"),
+        ("PUT", "/v1/positions/{sku}/{location}/replenishment"),
+        ("GET", "/v1/positions/{sku}/{location}/replenishment"),
+        ("DELETE", "/v1/positions/{sku}/{location}/replenishment"),
+        ("GET", "/v1/replenishment"),
+        ("PUT", "/v1/replenishment/settings/{sku}"),
+        ("POST", "/v1/replenishment/plan"),
+        # scopes of this in tests/api/test_replenishment.py (it needs settings stored)
+        ("GET", "/v1/replenishment/settings/{sku}"),
     }
     assert protected == templated
 

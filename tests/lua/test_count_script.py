@@ -407,7 +407,7 @@ async def test_script_checks_rows_itself(core: ATP) -> None:
     await core.set_position("A", "W1", 10, reason="init")
     t = await quiet_moment(core)
     b = core.keys.bucket("A")
-    res, _, events_key, stats, exc = core.keys.bucket_keys(b).tuple()
+    res, _, events_key, stats, exc, rp = core.keys.bucket_keys(b).tuple()
     pk = core.keys.position("A", "W1")
     good = {"sku": "A", "loc": "W1", "q": 5, "t": t, "row": 1}
     bad = [
@@ -422,7 +422,9 @@ async def test_script_checks_rows_itself(core: ATP) -> None:
         ({**good, "t": "2026-01-01"}, "bad_time"),
         ({**good, "t": 1.5}, "bad_time"),
     ]
-    keys = [events_key, res, stats, exc] + [pk.pos, pk.log, pk.lx, pk.sch, pk.sku, pk.bq] * len(bad)
+    keys = [events_key, res, stats, exc, rp] + [pk.pos, pk.log, pk.lx, pk.sch, pk.sku, pk.bq] * len(
+        bad
+    )
     cfg = json.dumps({**core._cfg_base, "actor": "", "source": "", "skew": 0, "risk_max": 10})
     req = {"cid": "c1", "dry": False, "groups": [{"b": b, "rows": [r for r, _ in bad]}]}
     before = await snapshot(core)
