@@ -263,10 +263,11 @@ class Position:
 
     @property
     def available(self) -> int:
-        """On hand less committed and safety stock, never below zero: what an undated
-        reservation may take when nothing dated is promised (see ``ATP.explain`` for the
-        time-phased figure)."""
-        return max(0, self.on_hand - self.committed - self.safety_stock)
+        """On hand less committed, safety stock and what backorders wait for, never below
+        zero: what an undated reservation of any channel may take when nothing dated is
+        promised and no rules protect units (``ATP.explain`` gives a channel's own figure,
+        time-phased, with protections and the backorders ahead of it)."""
+        return max(0, self.on_hand - self.committed - self.safety_stock - self.backordered)
 
 
 @dataclass(frozen=True, slots=True)
