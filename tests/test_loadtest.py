@@ -149,3 +149,52 @@ def test_flash_sale_catches_a_read_then_write_reserve(tmp_path: Path) -> None:
     assert "DOUBLE COMMIT" in text and "flash sale: FAILED" in text, report["failures"]
     assert report["peak"] > UNITS  # units acknowledged to two buyers at the same moment
     assert report["verify"]["ok"] is False  # the server's own verifier agrees
+
+
+CATALOG = ROOT / "loadtest" / "catalog.py"
+
+
+def _catalog(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """loadtest/catalog.py, CI-sized: 300 SKUs (Zipf popularity), 40 users for 8 s."""
+    assert LOCUST is not None
+    cmd = [LOCUST, "-f", str(CATALOG), "--headless", "-u", "40", "-r", "40", "-t", "8s"]
+    return subprocess.run(
+        [*cmd, "--host", url, "--only-summary"],
+        env=_env(tmp_path, ATP_CATALOG_SKUS="300", ATP_CATALOG_SPOT="30"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_catalog_load_test_checks_the_book(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "atp", "serve", "--port", str(port), "--log-level", "warning"]
+    with _served(cmd, _env(tmp_path), port, tmp_path / "serve.log") as url:
+        out = _catalog(url, tmp_path)
+    text = out.stdout + out.stderr
+    said = "\n".join(ln for ln in text.splitlines() if "checked:" in ln or "FAILED" in ln)
+    assert out.returncode == 0, said or text[-4000:]
+    assert "catalog: PASSED" in text, said
+    checked = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("checked:")]
+    assert any("availability agrees with the position on the 30 most popular" in c for c in checked)
+    assert any(c.startswith("checked: GET /v1/verify: OK") for c in checked), checked
+    assert "FAILED:" not in text
+
+
+def test_catalog_load_test_catches_a_read_then_write_reserve(tmp_path: Path) -> None:
+    srv = EmbeddedServer(tmp_path / "redis", appendfsync="everysec")
+    srv.start()
+    try:
+        port = free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "--app-dir", "tests"]
+        cmd += ["broken_app:create", "--port", str(port), "--log-level", "warning"]
+        env = _env(tmp_path, ATP_REDIS_URL=srv.url)
+        with _served(cmd, env, port, tmp_path / "serve.log") as url:
+            out = _catalog(url, tmp_path)
+    finally:
+        srv.stop()
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-4000:]
+    assert "catalog: FAILED" in text, text[-4000:]
