@@ -264,7 +264,47 @@ class AllocationMixin(CoreBase):
         rules = Rules(version, doc, ms_to_dt(out["at"]), actor)
         self._rules = rules
         self._rules_checked = time.monotonic()
+        await self.restamp_backorders()
         return rules
+
+    async def restamp_backorders(self) -> int:
+        """Bring every waiting backorder under the rules in force (lua/bo_restamp.lua): the
+        other channels' protections at its position, its channel's cap, the buyer limit and
+        its channel's priority (its place in the queue). Until it is re-stamped, a backorder
+        stamped with an earlier version waits and holds the queue behind it, so none is
+        filled by rules no longer in force. ``apply_rules`` calls this; so does the worker
+        when it starts (an apply interrupted before it finished). Walks every bucket's
+        reservations once (HSCAN). Returns how many were re-stamped."""
+        rules = await self.rules(max_age=0)
+        cfg = self._cfg("rules", "")
+        done = 0
+        for b in range(self.keys.buckets):
+            bk = self._bucket_keys(b)
+            async for rid_raw, raw in self.redis.hscan_iter(bk[0], count=500):
+                rec = json.loads(raw)
+                if rec.get("st") != "backordered" or rec.get("rv", 0) == rules.version:
+                    continue
+                rid = rid_raw.decode() if isinstance(rid_raw, bytes) else str(rid_raw)
+                (ln,) = rec["lines"]
+                sku, loc, ch = ln["sku"], ln["loc"], rec["ch"]
+                req: dict[str, Any] = {"id": rid, "rv": rules.version, "pp": 0}
+                if rules.version:
+                    req["pp"] = rules.priority(ch)
+                    pr = _others(rules.protections(sku, loc), ch)
+                    if pr:
+                        req["pr"] = [list(gp) for gp in pr]
+                    cap, bl = rules.cap(sku, ch), rules.buyer_limit(sku)
+                    if cap is not None:
+                        req["cap"] = cap
+                    if bl is not None:
+                        req["bl"] = bl
+                keys = [*bk, *self._line_keys(sku, loc)]
+                try:
+                    out = await self._run("bo_restamp", keys, cfg, req)
+                except RulesStale:  # another apply went by: that one re-stamps it
+                    continue
+                done += int(out["restamped"])
+        return done
 
     async def rules_version(self, version: int) -> Rules | None:
         """An earlier (or the current) rules version as it was applied, or ``None`` when it

@@ -190,7 +190,8 @@ class SupplyMixin(CoreBase):
         check_ident(sku, "sku")
         check_ident(location, "location")
         flat = await self.redis.hgetall(self.keys.position(sku, location).ib)
-        items = [_inbound(sku, location, json.loads(v)) for v in flat.values()]
+        recs = [json.loads(v) for v in flat.values()]
+        items = [_inbound(sku, location, e) for e in recs if e.get("st", "open") == "open"]
         items.sort(key=lambda i: (i.expected_at, i.reference))
         return items
 

@@ -30,8 +30,8 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 ``d:<day>`` units committed to reservations with that
                                 requested day (``day`` = UTC days since 1970-01-01);
                                 their totals are ``inbound`` and ``dated`` in ``pos``
-``{p b}:ib:<sku>|<loc>``        hash: reference -> JSON of an open expected receipt
-                                (qty still expected, expected time, received so far)
+``{p b}:ib:<sku>|<loc>``        hash: reference -> JSON of an expected receipt (open, or
+                                closed with its `st`: a retried expect is a replay)
 ``{p b}:bq:<sku>|<loc>``        zset: the position's backorder queue, ``<qty>:<id>``
                                 scored by channel priority, then arrival (the
                                 position keeps ``bo``, units waiting, ``bp:<prio>``

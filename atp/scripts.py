@@ -35,6 +35,7 @@ NAMES = (
     "adjust",
     "receive",
     "inbound",
+    "bo_restamp",
     "explain",
     "rules_apply",
     "rules_bump",

@@ -303,7 +303,7 @@ async def _check_inbound(
     atp: ATP, sku: str, loc: str, inbound: int, sch: Mapping[str, int], problem: Any
 ) -> None:
     due: dict[int, int] = defaultdict(int)
-    for e in await atp.inbound(sku, loc):
+    for e in await atp.inbound(sku, loc):  # the open ones
         if e.qty <= 0:
             problem(f"{sku}@{loc}: expected receipt {e.reference} is open with {e.qty} units")
         due[e.expected_date.toordinal() - _EPOCH_ORDINAL] += e.qty

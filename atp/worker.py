@@ -119,12 +119,18 @@ class Worker:
         they are queued, and claim batches other workers left unfinished. Errors (Redis
         down) are logged and retried; they never end the loop."""
         log.info("%s: started (chunk %d, claim idle %gs)", self.name, self.chunk, self.claim_idle)
+        restamped = False
         try:
             while not self.stopping:
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("%s: parent process gone, stopping", self.name)
                     break
                 try:
+                    if not restamped:  # a rules apply interrupted before it re-stamped
+                        n = await self.core.restamp_backorders()
+                        restamped = True
+                        if n:
+                            log.info("%s: %d backorders re-stamped with the rules", self.name, n)
                     await self._maybe_reap()
                     item = await self._next(self._block_ms())
                     if item is not None:

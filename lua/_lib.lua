@@ -45,6 +45,12 @@ local function read_pos(key)
            dated = tonumber(v[5] or '0'), bo = tonumber(v[6] or '0') }
 end
 
+-- The rules version a part's bucket enforces (set by rules_apply / rules_bump in the
+-- bucket's stats hash, so a reserve reads it from a key it already has).
+local function bucket_rules_version(stats_key)
+  return tonumber(redis.call('HGET', stats_key, 'rv') or '0')
+end
+
 -- The whole position hash as the JSON-able reply shape. Fields named `<x>:…` other than
 -- `ch:` (demand history `h:<day>`, and what other features keep there) are not figures of
 -- the position: left out, whatever their prefix.
@@ -258,10 +264,16 @@ end
 -- The least slack of a position over all its points: committed <= on_hand - safety_stock
 -- at every point is I1 in its time-phased form (DESIGN.md: future-dated promises may
 -- count inbound due by their date). Without dated commitments it is on_hand - committed.
+-- Also returns the point where it is least: -1 for the now point (only undated
+-- commitments are due there), else its day (commitments due by then are).
 local function position_slack(lk, p, now)
-  if p.dated == 0 or not lk.sch then return p.on_hand - p.committed end
+  if p.dated == 0 or not lk.sch then return p.on_hand - p.committed, -1 end
   local base, pts = phased_points(lk.sch, p, today_of(now))
-  return phased_min(base, pts, nil)
+  local least, at = base, -1
+  for _, pt in ipairs(pts) do
+    if pt[2] < least then least, at = pt[2], pt[1] end
+  end
+  return least, at
 end
 
 -- The shortage rule (I6), the one place that decides who loses when a position can no
@@ -269,8 +281,12 @@ end
 -- before confirmed reservations (a cart before a paid order), newest first. Walks the
 -- position's live index `lx` channel by channel until the open units chosen cover the
 -- shortfall, naming at most `limit` reservations. `prio` maps channel -> priority
--- (a channel the rules do not name has priority 0). Returns the list and its units.
-local function at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now)
+-- (a channel the rules do not name has priority 0). `due_by`: the point that is short
+-- (position_slack): -1, the now point, where only undated reservations are due; a day,
+-- where those dated on or before it are too. A reservation not due there is passed over:
+-- releasing it would not cover that point. Returns the list and its units.
+local function at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now, due_by)
+  local today = today_of(now)
   local flat = redis.call('HGETALL', lk.pos)
   local chans = {}
   for i = 1, #flat, 2 do
@@ -293,8 +309,11 @@ local function at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now)
       for _, member in ipairs(page) do
         local rid = string.match(member, '^[^:]*:[^:]*:[^:]*:(.*)$')
         local raw = rid and redis.call('HGET', res_key, rid)
-        if raw then
-          local part = cjson.decode(raw)
+        local part = raw and cjson.decode(raw)
+        if part and part.rd and due_by ~= nil and (due_by < 0 or math.max(part.rd, today) > due_by) then
+          part = nil  -- not due at the point that is short
+        end
+        if part then
           for _, l in ipairs(part.lines) do
             local open = line_open(l)
             if l.sku == sku and l.loc == loc and open > 0 then
@@ -320,7 +339,8 @@ end
 -- nil when it is covered. check_cover raises it on the outbox.
 local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
   local p = read_pos(lk.pos)
-  local slack = p and position_slack(lk, p, now)
+  local slack, due_by = nil, -1
+  if p then slack, due_by = position_slack(lk, p, now) end
   if p and slack < p.safety_stock then
     local shortfall = p.safety_stock - slack
     local ex = { kind = 'oversell', cause = cause, sku = sku, location = loc,
@@ -328,7 +348,8 @@ local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
       shortfall = shortfall }
     if lk.lx and res_key then
       local limit = tonumber(cfg.risk_max) or 500
-      local list, units = at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now)
+      local list, units = at_risk(lk, res_key, sku, loc, shortfall, prio, limit, now, due_by)
+      if due_by >= 0 then ex.short_on = due_by end  -- the day that is short (time-phased)
       ex.at_risk = list
       ex.units_at_risk = units
       ex.truncated = (units < shortfall and #list >= limit)
@@ -496,7 +517,9 @@ end
 -- confirmed reservation (a `backorder_filled` event and movement). Stops at the first one
 -- the position cannot cover (no later one may take what an earlier one waits for); one
 -- whose own channel cap or buyer limit no longer lets it have the units waits on without
--- holding up the others. At most cfg.fill_max (1000) backorders are looked at per call;
+-- holding up the others. One stamped with a rules version its bucket no longer enforces
+-- stops the fill until it is re-stamped (lua/bo_restamp.lua): none is filled by rules
+-- no longer in force. At most cfg.fill_max (1000) backorders are looked at per call;
 -- the next supply event goes on. `lk` needs pos, log, lx, sch, bq and agg; `e` res,
 -- events, stats. Returns the ids filled.
 local function fill_backorders(cfg, lk, e, now)
@@ -504,6 +527,7 @@ local function fill_backorders(cfg, lk, e, now)
   if not lk.bq then return filled end
   local budget = tonumber(cfg.fill_max) or 1000
   local today = today_of(now)
+  local rv = bucket_rules_version(e.stats)
   local start, short = 0, false
   while not short and budget > 0 do
     local page = redis.call('ZRANGE', lk.bq, start, start + math.min(budget, 100) - 1)
@@ -515,6 +539,11 @@ local function fill_backorders(cfg, lk, e, now)
       local part = raw and cjson.decode(raw)
       if not part or part.st ~= 'backordered' then
         redis.call('ZREM', lk.bq, member)  -- nothing waits under it any more
+      elseif (part.rv or 0) ~= rv then
+        -- stamped with rules no longer in force: it waits, and so do those behind it,
+        -- until the core re-stamps it (lua/bo_restamp.lua, ATP.restamp_backorders)
+        short = true
+        break
       else
         local qty = part.lines[1].qty
         local p = read_pos(lk.pos)
@@ -558,11 +587,6 @@ local function fill_backorders(cfg, lk, e, now)
   return filled
 end
 
--- The rules version a part's bucket enforces (set by rules_apply / rules_bump in the
--- bucket's stats hash, so a reserve reads it from a key it already has).
-local function bucket_rules_version(stats_key)
-  return tonumber(redis.call('HGET', stats_key, 'rv') or '0')
-end
 
 -- Walk KEYS for a reservation call: optional index key, then per part six bucket keys
 -- (res, holds, events, stats, exc, rp) followed, per line, by the SKU's totals key (agg) and

@@ -55,6 +55,9 @@ local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local now = now_ms()
 local raw = redis.call('HGET', ib_key, req.ref)
 local ent = raw and cjson.decode(raw)
+-- a closed receipt (received in full, closed short, cancelled) stays on record with
+-- `st`: the same expect again is answered from it, never counted twice
+local open = ent and (ent.st == nil or ent.st == 'open') or false
 local p = read_pos(pos_key)
 
 local function move(day, units)
@@ -71,7 +74,14 @@ end
 
 if req.op == 'expect' then
   if ent then
-    if ent.ordered == req.qty and ent.at == req.at then return reply(ent, 1) end
+    if ent.ordered == req.qty and ent.at == req.at then
+      if open then return reply(ent, 1) end
+      return reply(nil, 1)
+    end
+    if not open then
+      return refuse('inbound_exists', 'reference ' .. req.ref .. ' was already ' .. tostring(ent.st) .. ' here; use a new reference',
+        { inbound = ent })
+    end
     return refuse('inbound_exists', 'reference ' .. req.ref .. ' is already expected with other figures; amend it',
       { inbound = ent })
   end
@@ -87,15 +97,16 @@ if req.op == 'expect' then
   return reply(ent, 0)
 end
 
-if not ent then return refuse('unknown_inbound', 'no open expected receipt ' .. req.ref .. ' for ' .. req.sku .. ' at ' .. req.loc) end
+if not open then return refuse('unknown_inbound', 'no open expected receipt ' .. req.ref .. ' for ' .. req.sku .. ' at ' .. req.loc) end
 local before = { qty = ent.qty, at = ent.at, day = ent.day }
 local less = false
 if req.op == 'cancel' then
   move(ent.day, -ent.qty)
-  redis.call('HDEL', ib_key, req.ref)
   less = ent.qty > 0
   ent.qty = 0
   ent.up = now
+  ent.st = 'cancelled'
+  redis.call('HSET', ib_key, req.ref, cjson.encode(ent))
   emit(cfg, ev_key, 'inbound_cancelled', '', '', now, { sku = req.sku, location = req.loc, inbound = ent,
     before = before })
 else

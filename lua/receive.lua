@@ -38,6 +38,10 @@ local pos_key, log_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[2], KEYS[3], KEY
 local lk = { pos = KEYS[1], log = KEYS[2], lx = KEYS[4], sch = KEYS[8], agg = KEYS[10], bq = KEYS[11] }
 local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local raw = redis.call('HGET', ib_key, req.ref)
+if raw then
+  local st = cjson.decode(raw).st
+  if st ~= nil and st ~= 'open' then raw = nil end  -- closed: a receipt against it is a plain one
+end
 if req.close and not raw then
   return refuse('unknown_inbound', 'no open expected receipt ' .. req.ref .. ' for ' .. req.sku .. ' at ' .. req.loc)
 end
@@ -58,7 +62,8 @@ if raw then
   ent.qty = ent.qty - off
   ent.received = ent.received + req.qty
   ent.up = now
-  if ent.qty == 0 then redis.call('HDEL', ib_key, req.ref) else redis.call('HSET', ib_key, req.ref, cjson.encode(ent)) end
+  if ent.qty == 0 then ent.st = 'closed' end  -- kept on record: a retried expect is a replay
+  redis.call('HSET', ib_key, req.ref, cjson.encode(ent))
 end
 redis.call('HSET', pos_key, 'on_hand', after, 'committed', p.committed, 'safety_stock', p.safety_stock)
 log_move(cfg, log_key, 'receive', { reason = 'receipt', ref = req.ref, ohb = p.on_hand, oha = after,

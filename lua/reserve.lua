@@ -236,7 +236,9 @@ for pi, p in ipairs(req.parts) do
         avail[ci] = math.max(0, slack - pos.safety_stock - prot - ahead)
         if slack - pos.safety_stock >= l.qty then raw_ok = true end
         if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
-        if ci == 1 then sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot } end
+        if ci == 1 then
+          sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot + ahead }
+        end
       else
         avail[ci] = 0
       end

@@ -282,3 +282,49 @@ async def test_backorders_race_supply_and_new_reservations(atp: ATP) -> None:
     assert fills > 20, (fills, done)
     pos = await core.position(SKU, LOC)
     assert pos and pos.backordered == 0
+
+
+async def test_a_refusal_promises_no_date_that_backorders_ahead_will_take(atp: ATP) -> None:
+    core = atp
+    t = await core.redis.time()
+    today = datetime.fromtimestamp(int(t[0]), UTC).date()
+    await core.set_position(SKU, LOC, 0, 0)
+    await core.expect_inbound(SKU, LOC, "PO-3", 5, today + timedelta(days=3))
+    await bo(core, "web", 5)
+    with pytest.raises(InsufficientStock) as e:
+        await core.reserve("w2", "web", [(SKU, LOC, 5)], hold_seconds=0)
+    assert "promise_date" not in e.value.lines[0]
+    assert (await core.promise(SKU, LOC, "web", 5)).promise_date is None
+    assert (await core.promise(SKU, LOC, "web", 5)).available_now == 0
+
+
+async def test_a_rules_change_restamps_the_waiting_backorders(atp: ATP) -> None:
+    """Backorders are filled by the rules in force, not those they were accepted under: a
+    cap and a protection applied while market waits keep it from taking what the new rules
+    give web; a priority raised moves a backorder up the queue."""
+    core = atp
+    await core.apply_rules(RULES)
+    await core.set_position(SKU, LOC, 0, 0)
+    m1 = await bo(core, "market", 3)
+    w1 = await bo(core, "web", 2)
+    # market is capped at 1 and web protects 5: market's 3 may not be filled at all
+    await core.apply_rules({**RULES, "default": {"protect": {"web": 5}, "cap": {"market": 1}}})
+    rec = json.loads(await core.redis.hget(core.keys.bucket_keys(core.keys.bucket(SKU)).res, m1))
+    assert (rec["rv"], rec["cap"], rec["pr"]) == (2, 1, [["web", 5]])
+    await core.receive(SKU, LOC, 5, reference="PO-1")
+    assert (await status(core, w1), await status(core, m1)) == ("confirmed", "backordered")
+    pos = await core.position(SKU, LOC)
+    assert pos and pos.committed == 2
+    # the queue order follows the priorities in force: market now above web
+    w2 = await bo(core, "web", 4)
+    m2 = await bo(core, "market", 1)
+    await core.apply_rules({"channels": {"web": {"priority": 10}, "market": {"priority": 100}}})
+    await core.receive(SKU, LOC, 1, reference="PO-2")
+    # 4 free now: m1 (3, no cap any more) first, then m2 (1); w2 (4) waits
+    assert [await status(core, r) for r in (m1, m2, w2)] == [
+        "confirmed",
+        "confirmed",
+        "backordered",
+    ]
+    rep = await verify(core)
+    assert rep.ok, rep.problems

@@ -394,3 +394,54 @@ async def test_a_reservation_retried_with_another_date_conflicts(atp: ATP) -> No
         await core.reserve("same", "web", [(SKU, LOC, 1)])
     got = await core.reservation("same")
     assert got.requested_date == today + timedelta(days=1)
+
+
+async def test_a_short_shelf_puts_undated_orders_at_risk_not_later_dated_ones(atp: ATP) -> None:
+    """The shelf is short, the dated promise is covered by its inbound: the exception names
+    (and its resolution would release) the undated order, though the dated one is of a
+    lower priority and newer: releasing it would not cover the shelf."""
+    core = atp
+    await core.apply_rules({"channels": {"web": {"priority": 100}, "market": {"priority": 10}}})
+    today = date_of(await server_today(core))
+    await core.set_position(SKU, LOC, 10, 0)
+    await core.reserve("web-now", "web", [(SKU, LOC, 10)], hold_seconds=0)
+    await core.expect_inbound(SKU, LOC, "PO-5", 5, today + timedelta(days=5))
+    await core.reserve(
+        "mk-later",
+        "market",
+        [(SKU, LOC, 5)],
+        hold_seconds=0,
+        requested_date=today + timedelta(days=6),
+    )
+    pos = await core.adjust(SKU, LOC, -3, reason="damaged")
+    assert pos.on_hand == 7
+    (ex,) = [e for e in await core.exceptions() if e.kind == "oversell"]
+    assert ex.data["shortfall"] == 3 and "short_on" not in ex.data  # the shelf (now) is short
+    assert [r["reservation_id"] for r in ex.data["at_risk"]] == ["web-now"]
+
+
+async def test_an_expected_receipt_retried_after_it_closed_is_not_counted_again(atp: ATP) -> None:
+    core = atp
+    today = date_of(await server_today(core))
+    await core.set_position(SKU, LOC, 0, 0)
+    when = today + timedelta(days=2)
+    await core.expect_inbound(SKU, LOC, "PO-9", 5, when)
+    got = await core.receive_inbound(SKU, LOC, 5, reference="PO-9")
+    assert got.inbound is None and got.position.in_transit == 0
+    again = await core.expect_inbound(SKU, LOC, "PO-9", 5, when)
+    assert again.replayed and again.inbound is None
+    assert (again.position.on_hand, again.position.in_transit) == (5, 0)
+    with pytest.raises(InboundExists):
+        await core.expect_inbound(SKU, LOC, "PO-9", 6, when)
+    with pytest.raises(UnknownInbound):
+        await core.amend_inbound(SKU, LOC, "PO-9", qty=2)
+    # cancelled ones too
+    await core.expect_inbound(SKU, LOC, "PO-10", 3, when)
+    await core.cancel_inbound(SKU, LOC, "PO-10")
+    assert (await core.expect_inbound(SKU, LOC, "PO-10", 3, when)).replayed
+    # a receipt against a closed reference is a plain receipt
+    plain = await core.receive_inbound(SKU, LOC, 1, reference="PO-9")
+    assert plain.inbound is None and plain.position.on_hand == 6
+    assert (await core.position(SKU, LOC)).in_transit == 0  # type: ignore[union-attr]
+    rep = await verify(core)
+    assert rep.ok, rep.problems
