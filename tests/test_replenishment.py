@@ -399,3 +399,24 @@ async def test_verify_checks_signal_flag_against_list(atp: ATP) -> None:
     assert rep.problems == [
         "GHOST@W1: an open replenishment signal for a position that does not exist"
     ]
+
+
+async def test_expected_receipts_and_backorders_move_the_inventory_position(atp: ATP) -> None:
+    """IP = on hand + inbound - committed - backordered: an expected receipt recorded
+    clears the signal, backorders waiting raise it again, and their fill (a receipt) leaves
+    the figures consistent."""
+    from datetime import date, timedelta
+
+    await atp.set_position("IP-1", "DC1", 3, 0)
+    await atp.set_replenishment("IP-1", "DC1", 5, 20)
+    assert [e["inventory_position"] for e in await events(atp, "IP-1", "replenishment")] == [3]
+    soon = date.fromordinal(date(1970, 1, 1).toordinal() + await today(atp)) + timedelta(days=4)
+    await atp.expect_inbound("IP-1", "DC1", "PO-1", 10, soon)
+    cleared = await events(atp, "IP-1", "replenishment_cleared")
+    assert [e["inventory_position"] for e in cleared] == [13]
+    await atp.reserve("bo-1", "web", [("IP-1", "DC1", 4)], on_short="backorder")  # 3 on hand
+    await atp.reserve("bo-2", "web", [("IP-1", "DC1", 5)], on_short="backorder")
+    raised = await events(atp, "IP-1", "replenishment")
+    assert [(e["inventory_position"], e["backordered"]) for e in raised] == [(3, 0), (4, 9)]
+    rep = await verify(atp)
+    assert rep.ok, rep.problems
