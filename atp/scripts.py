@@ -3,6 +3,7 @@
 Scripts ship as ``lua/<name>.lua`` inside the wheel (package data ``atp/lua``); in a source
 checkout they are read from the repository's ``lua/``. A line ``--- @include "_lib"`` is
 replaced by ``lua/_lib.lua`` (BullMQ's convention), so each script is one body with one SHA.
+(``_reserve`` is included the same way by reserve and reserve_many.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["NAMES", "AutoPipeline", "ScriptRunner", "decode", "load_source"]
 
 NAMES = (
     "reserve",
+    "reserve_many",
     "confirm",
     "release",
     "fulfil",
@@ -195,13 +197,23 @@ class AutoPipeline:
     written on one pooled connection, not through a redis-py pipeline, whose per-argument
     packing cost more client CPU than the rest of a reserve call's Python.
 
+    Two or more ``reserve`` calls in one batch (with the same settings argument) go as one
+    ``reserve_many`` call (lua/reserve_many.lua), which runs them one after another, each
+    exactly as reserve.lua alone, and answers each: the server's fixed cost per script call
+    is paid once for them. Calls in one batch were all made before any of them was answered,
+    so running them in any order is one their callers could have seen.
+
     :param max_batch: the most calls in one pipeline; a full batch leaves at once.
+    :param reserve_many: send a batch's reserve calls as one reserve_many call.
     """
 
-    def __init__(self, client: Redis, runner: ScriptRunner, max_batch: int = 128) -> None:
+    def __init__(
+        self, client: Redis, runner: ScriptRunner, max_batch: int = 128, reserve_many: bool = True
+    ) -> None:
         self.client = client
         self.runner = runner
         self.max_batch = max_batch
+        self.reserve_many = reserve_many
         self._queue: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
@@ -233,7 +245,11 @@ class AutoPipeline:
                 name, keys, args, _ = batch[0]
                 results: list[Any] = [await self.runner.call(self.client, name, keys, args)]
             else:
-                results = await self._round_trip([(n, k, a) for n, k, a, _ in batch])
+                calls = [(n, k, a) for n, k, a, _ in batch]
+                if self.reserve_many:
+                    results = await self._round_trip_coalesced(calls)
+                else:
+                    results = await self._round_trip(calls)
         except BaseException as e:
             err = e if isinstance(e, Exception) else BackendError("the call was cancelled")
             for *_, fut in batch:
@@ -249,6 +265,59 @@ class AutoPipeline:
                 fut.set_exception(r)
             else:
                 fut.set_result(r)
+
+    async def _round_trip_coalesced(
+        self, calls: list[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """As :meth:`_round_trip`, with the reserve calls that share a settings argument
+        sent as one reserve_many call (in the place of the first of them), its replies
+        handed back to each. An entry reserve_many marks ``!`` is that reservation's runtime
+        error, a ``BackendError`` for its caller only; an error of the whole call (NOSCRIPT
+        is handled as for any call) goes to every caller in it."""
+        groups: dict[Any, list[int]] = {}
+        for i, (name, _, args) in enumerate(calls):
+            if name == "reserve" and len(args) == 2:
+                groups.setdefault(args[0], []).append(i)
+        firsts = {g[0]: g for g in groups.values() if len(g) > 1}
+        if not firsts:
+            return await self._round_trip(calls)
+        wire: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        where: list[tuple[int, int]] = [(-1, -1)] * len(calls)  # (wire index, entry or -1)
+        for i, call in enumerate(calls):
+            g = firsts.get(i)
+            if g is not None:
+                keys: list[str] = []
+                counts: list[str] = []
+                reqs: list[Any] = []
+                for e, m in enumerate(g):
+                    _, mkeys, margs = calls[m]
+                    keys += mkeys
+                    counts.append(str(len(mkeys)))
+                    reqs.append(margs[1])
+                    where[m] = (len(wire), e)
+                header = "[" + ",".join(counts) + "]"
+                wire.append(("reserve_many", keys, (call[2][0], header, *reqs)))
+            elif where[i][0] < 0:
+                where[i] = (len(wire), -1)
+                wire.append(call)
+        replies = await self._round_trip(wire)
+        out: list[Any] = []
+        for j, e in where:
+            r = replies[j]
+            if e < 0 or isinstance(r, Exception):
+                out.append(r)
+                continue
+            if not isinstance(r, list) or len(r) <= e:
+                out.append(BackendError(f"unexpected reserve_many reply {r!r:.200}"))
+                continue
+            one = r[e]
+            mark = one[:1]
+            if mark in (b"!", "!"):
+                text = one[1:].decode() if isinstance(one, bytes) else one[1:]
+                out.append(BackendError(f"script reserve failed: {text}"))
+            else:
+                out.append(one)
+        return out
 
     async def _round_trip(self, calls: list[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Send the calls as one write and read their replies: each call's reply, or its

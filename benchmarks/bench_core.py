@@ -11,6 +11,10 @@ The default scenario, the ceiling:
 * ``reserve`` ``core.reserve(...)`` through the public API on ONE hot SKU (on_hand huge,
               confirmed at once, a unique id per call, qty 1).
 
+``--unbatched`` adds ``unbatch``: the same reserve calls with the auto-pipeline's
+reserve_many off (each reserve its own EVALSHA in the batch's pipeline), interleaved with
+``reserve``, so what running a batch's reserves in one script call buys is measured in one run.
+
 ``--dated``, the cost of a time-phased reservation (issue 7; aim: dated/undated >= 0.7):
 see ``bench_dated``.
 
@@ -81,7 +85,8 @@ class Phase:
     p99_ms: float
     client_cpu: float  # fraction of one core
     server_cpu: float  # the server process, all of it (network, AOF writes, scripts)
-    script_us: float  # the server's own time per EVALSHA (INFO commandstats)
+    script_us: float  # the server's script time per operation (INFO commandstats: EVALSHA
+    # time over ops, since reserve_many runs a batch's reserves in one EVALSHA)
     errors: int
 
     @property
@@ -156,7 +161,8 @@ async def run_phase(
     wall = time.perf_counter() - t0
     c1, s1 = time.process_time(), _proc_cpu_seconds(server_pid)
     stats = await client.info("commandstats")
-    script_us = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", "nan"))
+    usec = float(stats.get("cmdstat_evalsha", {}).get("usec", "nan"))
+    script_us = usec / len(lat) if lat else float("nan")
     lat.sort()
     return Phase(
         name=name,
@@ -457,7 +463,7 @@ def print_table(
     med: Callable[[str, str], float],
 ) -> None:
     print(f"medians of {args.rounds} rounds, {args.tasks} tasks, appendfsync {args.appendfsync}")
-    print("| op      |    ops/s | p50 ms | p99 ms | client CPU | server CPU | script us/call |")
+    print("| op      |    ops/s | p50 ms | p99 ms | client CPU | server CPU | script us/op   |")
     print("| ------- | -------: | -----: | -----: | ---------: | ---------: | -------------: |")
     for name in results:
         print(
@@ -559,16 +565,31 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
                 raise RuntimeError(f"reserve script refused: {out!r:.200}")
             return out
 
+        pipe = core._pipe
+
+        async def unbatched() -> object:
+            # only this op runs while it is measured, so its tasks may flip the switch
+            assert pipe is not None
+            pipe.reserve_many = False
+            try:
+                return await reserve()
+            finally:
+                pipe.reserve_many = True
+
         ops: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("noop", noop),
             ("reserve", reserve),
         ]
         if args.with_script:
             ops.append(("script", script))
+        if args.unbatched:
+            ops.append(("unbatch", unbatched))
         results = await run_rounds(args, ops, server_pid, client)
 
         pos = await core.position(SKU, LOC)
-        reserved = sum(p.ops for name in ("reserve", "script") for p in results.get(name, []))
+        reserved = sum(
+            p.ops for name in ("reserve", "script", "unbatch") for p in results.get(name, [])
+        )
         print()
         if pos is not None:
             print(
@@ -604,6 +625,18 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
                 f"with no Python cost in atp.store; client time per call "
                 f"{1e6 * med('script', 'client_cpu') / med('script', 'rate'):.1f} us"
             )
+        if args.unbatched:
+            u_med = med("unbatch", "rate")
+            per = [
+                r.rate / u.rate for u, r in zip(results["unbatch"], results["reserve"], strict=True)
+            ]
+            print(
+                f"batched/unbatched reserve = {r_med / u_med:.2f} (per round: "
+                f"{', '.join(f'{x:.2f}' for x in per)}); server time per reservation: batched "
+                f"{1e6 * med('reserve', 'server_cpu') / r_med:.1f} us, unbatched "
+                f"{1e6 * med('unbatch', 'server_cpu') / u_med:.1f} us; script time: "
+                f"{med('reserve', 'script_us'):.1f} us vs {med('unbatch', 'script_us'):.1f} us"
+            )
         pers = await client.info("persistence")
         st = await client.info("stats")
         print(
@@ -635,6 +668,12 @@ def main() -> int:
         help="also measure the bare reserve script (no atp.store work): a diagnostic",
     )
     ap.add_argument(
+        "--unbatched",
+        action="store_true",
+        help="also measure reserve with reserve_many off (one EVALSHA per reserve in the "
+        "auto-pipeline's batch): what batching a batch's reserves into one call buys",
+    )
+    ap.add_argument(
         "--rules",
         action="store_true",
         help="reserve without rules vs under a rules document of 5 channels, then verify",
@@ -663,13 +702,13 @@ def main() -> int:
         ap.error("--seconds > 0, --tasks >= 1, --rounds >= 1, --warmup >= 0")
     if not 1 <= args.skus <= 100:
         ap.error("--skus from 1 to 100")
-    if (args.rules or args.dated) and args.with_script:
-        ap.error("--with-script belongs to the ceiling scenario, not --rules or --dated")
+    if (args.rules or args.dated) and (args.with_script or args.unbatched):
+        ap.error("--with-script and --unbatched belong to the ceiling scenario")
     if args.rules and args.dated:
         ap.error("--rules or --dated, one at a time")
 
     # the whole run: rounds x ops x (warm-up + measurement), plus slack (and the check)
-    n_ops = 3 if args.with_script or args.dated else 2
+    n_ops = 2 + (args.with_script or args.dated) + args.unbatched
     budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if short else 60)
     with tempfile.TemporaryDirectory(prefix="atp-bench-") as tmp:
         server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)

@@ -593,8 +593,10 @@ end
 -- six keys per candidate position (pos, hx, log, lx, sch, bq). A line has one candidate unless reserve
 -- routes it: `p.c` then lists the candidate count of each line. Returns the index key (or false) and the
 -- parts' key tables (line li's first candidate at e.lines[li], all at e.cands[li]), or nil
--- and a refusal when KEYS does not match the request.
-local function part_keys(with_index, parts)
+-- and a refusal when KEYS does not match the request. `keys` (optional) walks that table
+-- instead of KEYS (reserve_many: one reservation's slice of its KEYS).
+local function part_keys(with_index, parts, keys)
+  local KEYS = keys or KEYS
   local k = 1
   local idx = false
   if with_index then idx = KEYS[1]; k = 2 end

@@ -1,0 +1,336 @@
+-- _reserve.lua: the body of one reservation as a function, so lua/reserve.lua (one call)
+-- and lua/reserve_many.lua (several, one after another, in one script call) run the same
+-- code. atp.scripts inlines it after _lib (`--- @include "_reserve"`); the KEYS, ARGV and
+-- replies are documented in lua/reserve.lua.
+--   cfg  the decoded settings argument; req  the decoded request; keys  this reservation's
+--   KEYS (a table laid out as part_keys walks it).
+-- Returns the reply text, exactly what reserve.lua answers. Everything is validated before
+-- the first write (I7); a refusal writes nothing but the reclaim of lapsed holds.
+local function reserve_one(cfg, req, keys)
+  -- validate everything before the first write
+  if not is_text(req.id, 128) then return refuse('bad_request', 'reservation id must be 1-128 characters') end
+  if not is_text(req.ch, 64) then return refuse('bad_request', 'channel must be 1-64 characters') end
+  if not is_int(req.hold, 0, cfg.max_hold) then return refuse('bad_request', 'hold must be 0..' .. cfg.max_hold .. ' ms') end
+  if not is_text(req.fp, 128) then return refuse('bad_request', 'missing request fingerprint') end
+  if not is_int(req.rv, 0, 1e15) then return refuse('bad_request', 'rv must be a rules version') end
+  if req.cu ~= nil and not is_text(req.cu, 128) then return refuse('bad_request', 'customer id must be 1-128 characters') end
+  if req.rd ~= nil and not is_int(req.rd, 0, 1e6) then return refuse('bad_request', 'rd must be a day number') end
+  if req.pp ~= nil and not is_int(req.pp, 0, 1000000) then return refuse('bad_request', 'pp must be a priority') end
+  if req.bo ~= nil and type(req.bo) ~= 'boolean' then return refuse('bad_request', 'bo must be true or false') end
+  local prio = req.pp or 0
+  local shape_err = validate_parts_shape(req, cfg.max_lines)
+  if shape_err then return refuse('bad_request', shape_err) end
+  local seen, seen_b, routed_sku, sku_lines, nlines = {}, {}, {}, {}, 0
+  for _, p in ipairs(req.parts) do
+    if type(p.lines) ~= 'table' or #p.lines ~= p.n then return refuse('bad_request', 'part line count mismatch') end
+    -- one part per bucket: two parts in one bucket would overwrite each other's record (I2)
+    if not is_int(p.b, 0, 16383) or seen_b[p.b] then return refuse('bad_request', 'each part needs its own bucket number') end
+    seen_b[p.b] = true
+    for li, l in ipairs(p.lines) do
+      nlines = nlines + 1
+      if not is_text(l.sku, 64) then return refuse('bad_request', 'each line needs a sku') end
+      if not is_int(l.qty, 1, cfg.max_qty) then return refuse('bad_request', 'qty must be a whole number from 1 to ' .. cfg.max_qty) end
+      local nc = 1
+      if type(p.c) == 'table' then nc = p.c[li] end
+      if l.locs ~= nil then
+        if type(l.locs) ~= 'table' or #l.locs == 0 or #l.locs ~= nc then return refuse('bad_request', 'routed line candidates do not match KEYS') end
+        local dup = {}
+        for _, loc in ipairs(l.locs) do
+          if not is_text(loc, 64) or dup[loc] then return refuse('bad_request', 'routed line needs distinct locations') end
+          dup[loc] = true
+        end
+        routed_sku[l.sku] = true
+      else
+        if not is_text(l.loc, 64) then return refuse('bad_request', 'each line needs a location') end
+        if nc ~= 1 then return refuse('bad_request', 'a line with a location has one candidate') end
+        local k = l.sku .. '|' .. l.loc
+        if seen[k] then return refuse('bad_request', 'duplicate line for ' .. l.sku .. ' at ' .. l.loc) end
+        seen[k] = true
+      end
+      if l.pr ~= nil then
+        if type(l.pr) ~= 'table' or #l.pr ~= nc then return refuse('bad_request', 'pr needs one list per candidate') end
+        for _, cp in ipairs(l.pr) do
+          if type(cp) ~= 'table' then return refuse('bad_request', 'pr entries are lists') end
+          for _, gp in ipairs(cp) do
+            if type(gp) ~= 'table' or not is_text(gp[1], 64) or not is_int(gp[2], 0, 1e13) then
+              return refuse('bad_request', 'pr entries are [channel, units]')
+            end
+          end
+        end
+      end
+      if l.cap ~= nil and not is_int(l.cap, 0, 1e13) then return refuse('bad_request', 'cap must be a whole number') end
+      if l.bl ~= nil and not is_int(l.bl, 1, 1e13) then return refuse('bad_request', 'bl must be a whole number') end
+      if l.split ~= nil and type(l.split) ~= 'boolean' then return refuse('bad_request', 'split must be true or false') end
+      sku_lines[l.sku] = (sku_lines[l.sku] or 0) + 1
+    end
+  end
+  if nlines > cfg.max_lines then return refuse('bad_request', 'too many lines') end
+  for sku in pairs(routed_sku) do
+    if sku_lines[sku] > 1 then return refuse('bad_request', 'a routed line must be the only line for ' .. sku) end
+  end
+  if req.bo then
+    local l1 = req.parts[1].lines[1]
+    if #req.parts ~= 1 or nlines ~= 1 or l1.locs ~= nil or req.hold ~= 0 or req.rd ~= nil then
+      return refuse('bad_request', 'a backorder is one line at a location, confirmed at once, without a date')
+    end
+  end
+  local idx, pk = part_keys(req.idx, req.parts, keys)
+  if idx == nil then return pk end
+
+  -- every part's bucket must enforce the rules version the caller resolved the request with,
+  -- so no reservation is decided by a mix of two versions (atp.rules)
+  for pi in ipairs(req.parts) do
+    local have = bucket_rules_version(pk[pi].stats)
+    if have ~= req.rv then return refuse('rules_stale', 'the rules changed', { have = have }) end
+  end
+  -- a buyer limit needs the buyer (checked under the version just confirmed, before any write)
+  if req.cu == nil then
+    for _, p in ipairs(req.parts) do
+      for _, l in ipairs(p.lines) do
+        if l.bl ~= nil then
+          return refuse('customer_required', l.sku .. ' has a buyer limit; the reservation needs a customer_id', { sku = l.sku })
+        end
+      end
+    end
+  end
+
+  -- idempotency (I3): the same id returns the original outcome, another request conflicts
+  local prior = nil
+  if idx then
+    prior = redis.call('HGET', idx, req.id)
+  else
+    prior = redis.call('HGET', pk[1].res, req.id)
+  end
+  if prior then
+    if cjson.decode(prior).fp ~= req.fp then
+      return refuse('conflict', 'reservation ' .. req.id .. ' exists with a different request')
+    end
+    local recs = {}
+    for pi, e in ipairs(pk) do
+      local raw = redis.call('HGET', e.res, req.id)
+      if raw then recs[#recs + 1] = cjson.decode(raw) end
+    end
+    return cjson.encode({ ok = 1, replay = 1, parts = recs })
+  end
+
+  local now = now_ms()
+  local today = today_of(now)
+  if req.rd ~= nil and req.rd < today then req.rd = today end
+
+  -- reclaim expired holds on the positions this call may touch (bounded), then decide
+  for pi, p in ipairs(req.parts) do
+    local e = pk[pi]
+    for li, l in ipairs(p.lines) do
+      local locs = l.locs or { l.loc }
+      for ci, lk in ipairs(e.cands[li]) do
+        -- units lapsed holds give back go first to the backorders waiting for them
+        if reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim) > 0 then
+          fill_backorders(cfg, lk, e, now)
+          replen_check(cfg, lk.pos, e.rp, e.events, l.sku, locs[ci], now)
+        end
+      end
+    end
+  end
+
+  -- SKU-wide figures: committed by this channel (caps) and by this customer (buyer limits)
+  local cap_left, buyer, want = {}, {}, {}
+  local short, unknown, over = {}, {}, nil
+  for pi, p in ipairs(req.parts) do
+    for li, l in ipairs(p.lines) do
+      local agg = pk[pi].lines[li].agg
+      want[l.sku] = (want[l.sku] or 0) + l.qty
+      if l.cap ~= nil and cap_left[l.sku] == nil then
+        cap_left[l.sku] = l.cap - tonumber(redis.call('HGET', agg, 'ch:' .. req.ch) or '0')
+      end
+      if l.bl ~= nil and buyer[l.sku] == nil then
+        buyer[l.sku] = { limit = l.bl, held = tonumber(redis.call('HGET', agg, 'cu:' .. req.cu) or '0') }
+      end
+    end
+  end
+  for sku, b in pairs(buyer) do
+    if b.held + want[sku] > b.limit then
+      over = { sku = sku, limit = b.limit, held = b.held, requested = want[sku] }
+    end
+  end
+
+  -- per line, the ATP of each candidate; a routed line takes the first candidate that holds
+  -- it whole, else (split) the candidates in order
+  local plan = {}   -- plan[pi][li] = list of {ci, qty}
+  local onh = {}    -- onh[pi][li][ci] = on_hand read while deciding (reused for the log)
+  for pi, p in ipairs(req.parts) do
+    plan[pi] = {}
+    onh[pi] = {}
+    for li, l in ipairs(p.lines) do
+      local locs = l.locs or { l.loc }
+      local avail, raw_ok, any, queued = {}, false, false, false
+      local sched = nil  -- the first candidate's schedule and deductions (promise day)
+      onh[pi][li] = {}
+      for ci, lk in ipairs(pk[pi].cands[li]) do
+        local pos = read_pos(lk.pos)
+        if pos then
+          any = true
+          onh[pi][li][ci] = pos.on_hand
+          local prs = l.pr and l.pr[ci]
+          local slack, base, pts = pos.on_hand - pos.committed, nil, nil
+          if req.rd ~= nil or pos.dated > 0 then
+            base, pts = phased_points(lk.sch, pos, today)
+            slack = phased_min(base, pts, req.rd)
+          end
+          local prot = 0
+          if prs then
+            local _
+            _, prot = channel_atp(pos, req.ch, prs, function(g)
+              return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
+            end)
+          end
+          -- backorders at this channel's priority or above came first: theirs, not ours
+          local ahead = waiting_ahead(lk.pos, pos, prio)
+          avail[ci] = math.max(0, slack - pos.safety_stock - prot - ahead)
+          if slack - pos.safety_stock >= l.qty then raw_ok = true end
+          if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
+          if ci == 1 then
+            sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot + ahead }
+          end
+        else
+          avail[ci] = 0
+        end
+      end
+      if not any and not l.locs then
+        unknown[#unknown + 1] = { sku = l.sku, location = l.loc }
+      else
+        local take = nil
+        for ci = 1, #locs do
+          if avail[ci] >= l.qty then take = { { ci, l.qty } }; break end
+        end
+        local best = 0
+        for ci = 1, #locs do
+          if l.split then best = best + avail[ci] elseif avail[ci] > best then best = avail[ci] end
+        end
+        if not take and l.split and best >= l.qty then
+          take = {}
+          local rest = l.qty
+          for ci = 1, #locs do
+            if rest == 0 then break end
+            local q = math.min(rest, avail[ci])
+            if q > 0 then take[#take + 1] = { ci, q }; rest = rest - q end
+          end
+        end
+        local cl = cap_left[l.sku]
+        local limited = 'stock'
+        if take and cl ~= nil and want[l.sku] > cl then limited = 'cap'; take = nil end
+        if not take then
+          if limited ~= 'cap' and queued then
+            limited = 'backorders'
+          elseif limited ~= 'cap' and raw_ok then
+            limited = 'protection'
+          end
+          local av = best
+          if cl ~= nil and cl < av then av = math.max(0, cl) end
+          local loc = l.loc
+          if l.locs then loc = cjson.null end
+          local sl = { sku = l.sku, location = loc, requested = l.qty, available = av, limited_by = limited }
+          -- when could it be had? (a located line, not held back by its cap)
+          if not l.locs and limited ~= 'cap' and sched and sched.pos.inbound > 0 then
+            local base, pts = sched.base, sched.pts
+            if not pts then base, pts = phased_points(sched.lk.sch, sched.pos, today) end
+            sl.promise_day = promise_day(base, pts, today, sched.need)
+          end
+          short[#short + 1] = sl
+        end
+        plan[pi][li] = take
+      end
+    end
+  end
+  if #unknown > 0 then return refuse('unknown_position', 'no such position', { lines = unknown }) end
+  if over then
+    return refuse('buyer_limit', 'customer ' .. req.cu .. ' may hold at most ' .. over.limit .. ' of ' .. over.sku, over)
+  end
+  local l1 = req.parts[1].lines[1]
+  if #short > 0 and req.bo and cap_left[l1.sku] ~= nil and want[l1.sku] > cap_left[l1.sku] then
+    short[1].limited_by = 'cap'  -- supply cannot lift a cap: refused, not queued
+  end
+  if #short > 0 and req.bo and short[1].limited_by ~= 'cap' then
+    -- it asked to wait: into the position's queue, by its channel's priority, then arrival
+    local p1 = req.parts[1]
+    local e = pk[1]
+    local rec = { id = req.id, ch = req.ch, st = 'backordered', cr = now, ex = 0, up = now, fp = req.fp,
+                  home = req.home, parts = { p1.b }, rv = req.rv, ful = {}, bq = { prio, 0 },
+                  lines = { { sku = l1.sku, loc = l1.loc, qty = l1.qty, shipped = 0, short = 0, released = 0 } } }
+    if req.cu then rec.cu = req.cu end
+    if l1.pr then rec.pr = l1.pr[1] end
+    if l1.cap ~= nil then rec.cap = l1.cap end
+    if l1.bl ~= nil then rec.bl = l1.bl end
+    bo_enqueue(e.cands[1][1], rec)
+    local rec_json = cjson.encode(rec)
+    redis.call('HSET', e.res, req.id, rec_json)
+    if idx then
+      local ie = { fp = req.fp, ch = req.ch, cr = now, parts = { { b = p1.b, lines = { { l1.sku, l1.loc } } } } }
+      if req.cu then ie.cu = req.cu end
+      redis.call('HSET', idx, req.id, cjson.encode(ie))
+    end
+    emit(cfg, e.events, 'backordered', req.id, req.ch, now, rec_json)
+    replen_check(cfg, e.cands[1][1].pos, e.rp, e.events, l1.sku, l1.loc, now)
+    return '{"ok":1,"replay":0,"st":"backordered","cr":' .. string.format('%d', now) ..
+      ',"ex":0,"rv":' .. string.format('%d', req.rv) .. '}'
+  end
+  if #short > 0 then return refuse('insufficient', 'not enough available to promise', { lines = short }) end
+
+  -- write
+  local held = req.hold > 0
+  local ex = 0
+  if held then ex = now + req.hold end
+  local st = 'confirmed'
+  if held then st = 'held' end
+  local routed = next(routed_sku) ~= nil
+  local buckets, index_parts, taken = {}, {}, {}
+  for pi, p in ipairs(req.parts) do buckets[pi] = p.b end
+  for pi, p in ipairs(req.parts) do
+    local e = pk[pi]
+    local rec = { id = req.id, ch = req.ch, st = st, cr = now, ex = ex, up = now, fp = req.fp,
+                  home = req.home, parts = buckets, rv = req.rv, lines = {}, ful = {} }
+    if req.cu then rec.cu = req.cu end
+    if req.rd ~= nil then rec.rd = req.rd end
+    local member = lx_member(rec)
+    local ls, units = {}, 0
+    for li, l in ipairs(p.lines) do
+      local locs = l.locs or { l.loc }
+      for _, t in ipairs(plan[pi][li]) do
+        local ci, q = t[1], t[2]
+        local lk, loc = e.cands[li][ci], locs[ci]
+        units = units + q
+        local after = commit_units(lk, rec, q)
+        local oh = onh[pi][li][ci]
+        log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
+          ohb = oh, oha = oh, cmb = after - q, cma = after, at = now })
+        if held then redis.call('ZADD', lk.hx, ex, req.id) end
+        redis.call('ZADD', lk.lx, 0, member)
+        rec.lines[#rec.lines + 1] = { sku = l.sku, loc = loc, qty = q, shipped = 0, short = 0, released = 0 }
+        ls[#ls + 1] = { l.sku, loc }
+        if routed then taken[#taken + 1] = { l.sku, loc, q } end
+      end
+    end
+    index_parts[pi] = { b = p.b, lines = ls }
+    if held then stat(e.stats, units, units) else stat(e.stats, units, 0) end
+    local rec_json = cjson.encode(rec)
+    redis.call('HSET', e.res, req.id, rec_json)
+    if held then redis.call('ZADD', e.holds, ex, req.id) end
+    -- the event carries the part as stored (status, expiry, lines, rules version)
+    emit(cfg, e.events, 'reserved', req.id, req.ch, now, rec_json)
+    for li, l in ipairs(p.lines) do
+      local locs = l.locs or { l.loc }
+      for _, t in ipairs(plan[pi][li]) do
+        replen_check(cfg, e.cands[li][t[1]].pos, e.rp, e.events, l.sku, locs[t[1]], now)
+      end
+    end
+  end
+  if idx then
+    local ie = { fp = req.fp, ch = req.ch, cr = now, parts = index_parts }
+    if req.cu then ie.cu = req.cu end
+    redis.call('HSET', idx, req.id, cjson.encode(ie))
+  end
+  local tail = ''
+  if routed then tail = ',"lines":' .. cjson.encode(taken) end
+  if req.rd ~= nil then tail = tail .. ',"rd":' .. string.format('%d', req.rd) end
+  return '{"ok":1,"replay":0,"st":"' .. st .. '","cr":' .. string.format('%d', now) ..
+    ',"ex":' .. string.format('%d', ex) .. ',"rv":' .. string.format('%d', req.rv) .. tail .. '}'
+end
