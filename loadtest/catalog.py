@@ -75,7 +75,9 @@ class Catalog:
     rules_default: bool = False  # the rules in force have a default section
     ready: bool = False
     acks: dict[str, Ack] = field(default_factory=dict)
-    unknown: dict[str, str] = field(default_factory=dict)  # rid -> sku: never answered
+    # rid -> sku: never answered (after retries, or cut off by the end of the test while in
+    # flight: a request counts as unanswered from its sending until its answer)
+    unknown: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pages: int = 0
     items_read: int = 0
@@ -176,6 +178,7 @@ class Buyer(FastHttpUser):
             "lines": [{"sku": sku, "location": LOCATION, "qty": qty}],
             "hold_seconds": hold,
         }
+        CAT.unknown[rid] = sku  # until it is answered (the test may stop it in flight)
         for _ in range(4):
             with self.client.post(
                 "/v1/reservations",
@@ -190,20 +193,26 @@ class Buyer(FastHttpUser):
                     if out["reservation_id"] != rid or got != qty:
                         CAT.problems.append(f"{rid}: reserve answered {got} units for {qty}")
                     CAT.acks.setdefault(rid, Ack(rid, sku, qty, out["status"]))
+                    del CAT.unknown[rid]
                     resp.success()
                     return rid, out
                 if resp.status_code == 409:
+                    del CAT.unknown[rid]
                     resp.success()  # sold out: a normal answer
                     return rid, None
-                if resp.status_code not in (0, 502, 503, 504):
+                if resp.status_code not in (0, 500, 502, 503, 504):
+                    del CAT.unknown[rid]  # refused as a request: nothing was taken
                     resp.failure(f"reserve: HTTP {resp.status_code} {resp.text[:200]}")
                     return rid, None
+                if resp.status_code == 500:  # its effect is unknown: stays so
+                    resp.failure(f"reserve: HTTP 500 {resp.text[:200]}")
+                    return rid, None
             gevent.sleep(0.1)
-        CAT.unknown[rid] = sku
         return rid, None
 
     def _transition(self, rid: str, action: str, expect: str) -> None:
         ack = CAT.acks[rid]
+        CAT.unknown[rid] = ack.sku  # until it is answered (the test may stop it in flight)
         for _ in range(4):
             with self.client.post(
                 f"/v1/reservations/{rid}/{action}",
@@ -216,14 +225,16 @@ class Buyer(FastHttpUser):
                     if status != expect:
                         CAT.problems.append(f"{rid}: {action} answered {status}, not {expect}")
                     ack.status = status
+                    del CAT.unknown[rid]
                     resp.success()
                     return
                 if resp.status_code not in (0, 502, 503, 504):
+                    if resp.status_code < 500:
+                        del CAT.unknown[rid]
                     resp.failure(f"{action}: HTTP {resp.status_code} {resp.text[:200]}")
                     CAT.problems.append(f"{rid}: {action} refused: HTTP {resp.status_code}")
                     return
             gevent.sleep(0.1)
-        CAT.unknown[rid] = ack.sku
 
     @task
     def buy(self) -> None:
