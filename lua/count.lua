@@ -158,7 +158,13 @@ for _, g in ipairs(req.groups) do
               res.committed, res.safety_stock = cm, ss
               if req.dry then
                 res.st = 'dry'
-                if cm > after - ss then res.at_risk = cm - (after - ss) end
+                if cm > after - ss then
+                  -- as the applied count would see it: time-phased when promises are dated
+                  local view = read_pos(lk.pos)
+                  view.on_hand = after
+                  local slack = position_slack(lk, view, now)
+                  if slack < ss then res.at_risk = ss - slack end
+                end
               else
                 res.st = 'applied'
                 local mid = redis.call('XADD', lk.log, 'MAXLEN', '~', cfg.log_max, '*',

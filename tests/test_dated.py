@@ -15,6 +15,7 @@ a small model that evaluates every day one by one (not the scripts' point walk):
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -24,8 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import snapshot
 
-from atp import ATP, InboundExists, InsufficientStock, InvalidRequest, UnknownInbound
-from atp.models import date_of, day_of
+from atp import (
+    ATP,
+    FulfilLine,
+    IdempotencyConflict,
+    InboundExists,
+    InsufficientStock,
+    InvalidRequest,
+    UnknownInbound,
+)
+from atp.models import CountRow, date_of, day_of, ms_to_dt
 from atp.verify import verify
 
 SKU, LOC = "DT-1", "DC1"
@@ -344,9 +353,7 @@ async def test_dated_holds_and_releases_keep_the_schedule(atp: ATP) -> None:
     await core.reserve("u", "web", [(SKU, LOC, 5)], hold_seconds=0)
     sch = await core.redis.hgetall(core.keys.position(SKU, LOC).sch)
     assert {k.decode(): int(v) for k, v in sch.items()} == {f"d:{day_of(when)}": 7}
-    await core.fulfil("c", [__import__("atp").FulfilLine(SKU, LOC, shipped=4)])
-    import asyncio
-
+    await core.fulfil("c", [FulfilLine(SKU, LOC, shipped=4)])
     await asyncio.sleep(1.2)
     await core.expire_holds()
     pos = await core.position(SKU, LOC)
@@ -378,8 +385,6 @@ async def test_bad_dates_are_refused_before_anything_is_written(atp: ATP) -> Non
 
 
 async def test_a_reservation_retried_with_another_date_conflicts(atp: ATP) -> None:
-    from atp import IdempotencyConflict
-
     core = atp
     today = date_of(await server_today(core))
     await core.set_position(SKU, LOC, 5, 0)
@@ -445,3 +450,28 @@ async def test_an_expected_receipt_retried_after_it_closed_is_not_counted_again(
     assert (await core.position(SKU, LOC)).in_transit == 0  # type: ignore[union-attr]
     rep = await verify(core)
     assert rep.ok, rep.problems
+
+
+async def test_a_dry_count_reports_the_time_phased_risk(atp: ATP) -> None:
+    """A count that leaves the shelf below what is committed, but whose dated promises are
+    covered by inbound, puts nothing at risk, dry or applied."""
+    core = atp
+    today = date_of(await server_today(core))
+    await core.set_position(SKU, LOC, 4, 0)
+    await core.expect_inbound(SKU, LOC, "PO-1", 10, today + timedelta(days=2))
+    await core.reserve(
+        "d2", "web", [(SKU, LOC, 8)], hold_seconds=0, requested_date=today + timedelta(days=2)
+    )
+    await core.reserve("now", "web", [(SKU, LOC, 2)], hold_seconds=0)
+    t = await core._now_ms()
+    await asyncio.sleep(0.01)
+    row = CountRow(SKU, LOC, 3, ms_to_dt(t + 5), 1)  # the shelf: 3 for 2 undated + 8 dated
+    (dry,) = await core.apply_counts("c-dry", [row], dry_run=True)
+    assert dry.status == "dry" and dry.units_at_risk == 0, dry
+    (applied,) = await core.apply_counts("c-1", [row])
+    assert applied.status == "applied" and applied.exception_id is None, applied
+    # 1 on the shelf for 2 undated: both figures say 1 short
+    row2 = CountRow(SKU, LOC, 1, ms_to_dt(await core._now_ms() + 5), 1)
+    await asyncio.sleep(0.01)
+    (dry2,) = await core.apply_counts("c-dry2", [row2], dry_run=True)
+    assert dry2.units_at_risk == 1, dry2
