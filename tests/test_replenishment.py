@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import statistics
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -405,8 +406,6 @@ async def test_expected_receipts_and_backorders_move_the_inventory_position(atp:
     """IP = on hand + inbound - committed - backordered: an expected receipt recorded
     clears the signal, backorders waiting raise it again, and their fill (a receipt) leaves
     the figures consistent."""
-    from datetime import date, timedelta
-
     await atp.set_position("IP-1", "DC1", 3, 0)
     await atp.set_replenishment("IP-1", "DC1", 5, 20)
     assert [e["inventory_position"] for e in await events(atp, "IP-1", "replenishment")] == [3]
