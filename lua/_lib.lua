@@ -215,20 +215,28 @@ local function phased_points(sch_key, p, today, less)
   local base = p.on_hand - (p.committed - p.dated)
   if p.inbound == 0 and p.dated == 0 then return base, {} end
   local flat = redis.call('HGETALL', sch_key)
-  local delta, days = {}, {}
+  local delta, days, nd = {}, {}, 0
+  local sub, byte = string.sub, string.byte
   for i = 1, #flat, 2 do
-    local f, v = flat[i], tonumber(flat[i + 1])
-    local day = tonumber(string.sub(f, 3))
-    if day and v and less and string.sub(f, 1, 2) == 'd:' then v = v - (less[day] or 0) end
+    local f = flat[i]
+    local day, v = tonumber(sub(f, 3)), tonumber(flat[i + 1])
     if day and v then
+      local dated = byte(f, 1) == 100  -- 'd:' (else 'i:')
+      if dated and less then v = v - (less[day] or 0) end
       if day < today then day = today end
-      if delta[day] == nil then delta[day] = 0; days[#days + 1] = day end
-      if string.sub(f, 1, 2) == 'i:' then delta[day] = delta[day] + v else delta[day] = delta[day] - v end
+      local cur = delta[day]
+      if cur == nil then
+        nd = nd + 1
+        days[nd] = day
+        cur = 0
+      end
+      if dated then delta[day] = cur - v else delta[day] = cur + v end
     end
   end
   table.sort(days)
   local pts, slack = {}, base
-  for i, day in ipairs(days) do
+  for i = 1, nd do
+    local day = days[i]
     slack = slack + delta[day]
     pts[i] = { day, slack }
   end
