@@ -26,8 +26,8 @@ and every key carries that tag, so a bucket is one Redis Cluster slot. Per bucke
                                 position, ``<channel>:<0 held|1 confirmed>:<newest
                                 first>:<id>``, walked per channel by the shortage rule
 ``{p b}:sch:<sku>|<loc>``       hash: the position's dated schedule (time-phased ATP):
-                                ``i:<day>`` open inbound units expected that day,
-                                ``d:<day>`` units committed to reservations with that
+                                ``<day>`` open inbound units expected that day,
+                                ``-<day>`` units committed to reservations with that
                                 requested day (``day`` = UTC days since 1970-01-01);
                                 their totals are ``inbound`` and ``dated`` in ``pos``
 ``{p b}:ib:<sku>|<loc>``        hash: reference -> JSON of an expected receipt (open, or

@@ -9,8 +9,8 @@ deployment (SCAN, so it never blocks the server) and checks:
   then against everything due by then), :func:`least_slack` (``allow_uncovered`` lists
   positions a short pick or a count left uncovered on purpose: they are reported, not
   failed);
-* the dated schedule balances: ``dated`` and each ``d:<day>`` equal the open units of
-  live reservations for that day; ``inbound`` and each ``i:<day>`` equal the open
+* the dated schedule balances: ``dated`` and each ``-<day>`` entry equal the open units of
+  live reservations for that day; ``inbound`` and each ``<day>`` entry equal the open
   expected receipts due that day;
 * each position's backorder queue lists exactly its backordered reservations (which hold
   no committed units), and ``bo`` and ``bp:<priority>`` add up to them;
@@ -267,10 +267,9 @@ def least_slack(
     if dated == 0:
         return on_hand - committed
     by_day: dict[int, int] = defaultdict(int)
-    for f, v in sch.items():
-        kind, _, day = f.partition(":")
-        d = max(int(day), today)
-        by_day[d] += v if kind == "i" else -v
+    for f, v in sch.items():  # "<day>": inbound due, "-<day>": promised for that day
+        day = int(f)
+        by_day[max(abs(day), today)] += v if day > 0 else -v
     least = cur = on_hand - (committed - dated)
     for d in sorted(by_day):
         cur += by_day[d]
@@ -286,7 +285,7 @@ def _check_schedule(
     open_rd: Mapping[int, int],
     problem: Any,
 ) -> None:
-    dated = {int(f[2:]): v for f, v in sch.items() if f.startswith("d:")}
+    dated = {-int(f): v for f, v in sch.items() if int(f) < 0}
     want = {d: u for d, u in open_rd.items() if u}
     if dated != want:
         problem(f"{sku}@{loc}: dated schedule {dated} but dated reservations hold {want} (I2)")
@@ -307,7 +306,7 @@ async def _check_inbound(
         if e.qty <= 0:
             problem(f"{sku}@{loc}: expected receipt {e.reference} is open with {e.qty} units")
         due[e.expected_date.toordinal() - _EPOCH_ORDINAL] += e.qty
-    got = {int(f[2:]): v for f, v in sch.items() if f.startswith("i:")}
+    got = {int(f): v for f, v in sch.items() if int(f) > 0}
     if got != dict(due) or inbound != sum(due.values()):
         problem(
             f"{sku}@{loc}: inbound {inbound} and schedule {got} but open expected receipts "

@@ -159,7 +159,7 @@ end
 -- Add `qty` to what a reservation holds committed on one line's position: the position,
 -- its channel, and the SKU's totals per channel and per customer (caps, buyer limits).
 -- A dated reservation (`part.rd`, its requested day) also keeps the position's dated
--- schedule: `dated` in the position and `d:<day>` in `sch` (time-phased ATP).
+-- schedule: `dated` in the position and field `-<day>` in `sch` (time-phased ATP).
 -- A positive commitment (reserve: held or confirmed, made at `part.cr`) is also the
 -- position's demand of that day, `h:<day>` (gross: a later release does not take it back).
 local function commit_units(lk, part, qty)
@@ -173,7 +173,8 @@ local function commit_units(lk, part, qty)
   redis.call('HINCRBY', lk.pos, 'ch:' .. part.ch, qty)
   if part.rd then
     redis.call('HINCRBY', lk.pos, 'dated', qty)
-    if redis.call('HINCRBY', lk.sch, 'd:' .. part.rd, qty) <= 0 then redis.call('HDEL', lk.sch, 'd:' .. part.rd) end
+    local f = string.format('-%d', part.rd)
+    if redis.call('HINCRBY', lk.sch, f, qty) <= 0 then redis.call('HDEL', lk.sch, f) end
   end
   local c = redis.call('HINCRBY', lk.agg, 'ch:' .. part.ch, qty)
   if c == 0 then redis.call('HDEL', lk.agg, 'ch:' .. part.ch) end
@@ -210,19 +211,24 @@ end
 -- Days before today fold into today (an overdue receipt is still expected; an overdue
 -- promise is still owed). Safety stock and protections are not in the slack: callers
 -- subtract them. Returns the now slack and the day points in order ({day, slack}).
--- `less` (optional): units to leave out of `d:<day>` (explain: lapsed holds reserve reclaims).
+-- The schedule hash `sch` has one field per day and kind, named by the day number alone so
+-- the walk parses no text: `<day>` units of inbound due that day, `-<day>` units promised
+-- to reservations for that day.
+-- `less` (optional): units to leave out of the promised ones per day (explain: lapsed
+-- holds reserve reclaims).
 local function phased_points(sch_key, p, today, less)
   local base = p.on_hand - (p.committed - p.dated)
   if p.inbound == 0 and p.dated == 0 then return base, {} end
   local flat = redis.call('HGETALL', sch_key)
   local delta, days, nd = {}, {}, 0
-  local sub, byte = string.sub, string.byte
   for i = 1, #flat, 2 do
-    local f = flat[i]
-    local day, v = tonumber(sub(f, 3)), tonumber(flat[i + 1])
+    local day, v = tonumber(flat[i]), tonumber(flat[i + 1])
     if day and v then
-      local dated = byte(f, 1) == 100  -- 'd:' (else 'i:')
-      if dated and less then v = v - (less[day] or 0) end
+      local dated = day < 0
+      if dated then
+        day = -day
+        if less then v = v - (less[day] or 0) end
+      end
       if day < today then day = today end
       local cur = delta[day]
       if cur == nil then

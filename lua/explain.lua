@@ -137,12 +137,16 @@ for i, it in ipairs(req.items) do
         local flat = redis.call('HGETALL', lk.sch)
         local inb, dat = {}, {}
         for j = 1, #flat, 2 do
-          local day = tonumber(string.sub(flat[j], 3))
-          if day then
-            if day < today then day = today end
-            local v = tonumber(flat[j + 1])
-            if string.sub(flat[j], 1, 2) == 'i:' then inb[day] = (inb[day] or 0) + v
-            else dat[day] = (dat[day] or 0) + v - (back_rd[tonumber(string.sub(flat[j], 3))] or 0) end
+          local day, v = tonumber(flat[j]), tonumber(flat[j + 1])
+          if day and v then
+            if day < 0 then  -- promised for day -day
+              v = v - (back_rd[-day] or 0)
+              day = math.max(-day, today)
+              dat[day] = (dat[day] or 0) + v
+            else
+              day = math.max(day, today)
+              inb[day] = (inb[day] or 0) + v
+            end
           end
         end
         for _, pt in ipairs(pts) do

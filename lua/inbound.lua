@@ -3,7 +3,7 @@ on one position: units in transit, due on a day. They count as supply for time-p
 (reservations with a requested day on or after it) and in the inventory position; they
 become on hand only when received (lua/receive.lua, against the same reference).
 
-The position keeps `inbound` (open units) and its schedule `sch` (`i:<day>` units due per
+The position keeps `inbound` (open units) and its schedule `sch` (field `<day>`: units due per
 UTC day); each open receipt is a JSON record in `ib`. A receipt is never promised twice:
 amending it moves its units, cancelling it removes them, and when less supply leaves
 dated promises uncovered an oversell exception names the reservations at risk (I1, in its
@@ -63,7 +63,8 @@ local p = read_pos(pos_key)
 local function move(day, units)
   if units == 0 then return end
   redis.call('HINCRBY', pos_key, 'inbound', units)
-  if redis.call('HINCRBY', sch_key, 'i:' .. day, units) <= 0 then redis.call('HDEL', sch_key, 'i:' .. day) end
+  local f = string.format('%d', day)
+  if redis.call('HINCRBY', sch_key, f, units) <= 0 then redis.call('HDEL', sch_key, f) end
 end
 
 local function reply(e, replay, exc_id)

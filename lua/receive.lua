@@ -58,7 +58,8 @@ if raw then
   if cut > 0 and not req.close then cut = 0 end
   local off = take + cut   -- leaves the schedule: received, or will not come
   redis.call('HINCRBY', pos_key, 'inbound', -off)
-  if redis.call('HINCRBY', sch_key, 'i:' .. ent.day, -off) <= 0 then redis.call('HDEL', sch_key, 'i:' .. ent.day) end
+  local f = string.format('%d', ent.day)
+  if redis.call('HINCRBY', sch_key, f, -off) <= 0 then redis.call('HDEL', sch_key, f) end
   ent.qty = ent.qty - off
   ent.received = ent.received + req.qty
   ent.up = now

@@ -352,7 +352,7 @@ async def test_dated_holds_and_releases_keep_the_schedule(atp: ATP) -> None:
     await core.reserve("c", "web", [(SKU, LOC, 4)], hold_seconds=0, requested_date=when)
     await core.reserve("u", "web", [(SKU, LOC, 5)], hold_seconds=0)
     sch = await core.redis.hgetall(core.keys.position(SKU, LOC).sch)
-    assert {k.decode(): int(v) for k, v in sch.items()} == {f"d:{day_of(when)}": 7}
+    assert {k.decode(): int(v) for k, v in sch.items()} == {f"-{day_of(when)}": 7}
     await core.fulfil("c", [FulfilLine(SKU, LOC, shipped=4)])
     await asyncio.sleep(1.2)
     await core.expire_holds()
