@@ -352,10 +352,15 @@ async def bench_dated(
                    other positions: the time-phased check walks the schedule (30 receipt
                    days and up to 30 days of dated promises);
     * ``mixed``    reserve qty 1 undated on the positions of ``dated``, which carry dated
-                   promises, so the undated check walks the schedule too (to keep them).
+                   promises (their check walks the schedule only when the shelf alone does
+                   not settle it: here it does);
+    * ``inbound``  reserve qty 1 for a date 1 to 30 days ahead on positions with nothing on
+                   the shelf, so only the inbound covers it: every call walks the schedule
+                   (30 receipt days and up to 30 days of promises), the worst case.
 
-    Stock never binds (on hand and receipts are huge), so every call succeeds and all three
-    do the same writes; then ``atp.verify`` checks the book (I1 time-phased, the schedule)."""
+    Stock never binds (receipts are huge, and on hand too except for ``inbound``), so every
+    call succeeds and all do the same writes; then ``atp.verify`` checks the book (I1
+    time-phased, the schedule)."""
     st = Settings(redis_url=server.url, key_prefix="bdt:", data_dir=server.data_dir)
     core = ATP(client, st)
     await core.start()
@@ -363,14 +368,15 @@ async def bench_dated(
     today = date(1970, 1, 1) + timedelta(days=int(t[0]) // 86_400)
     plain = [f"DT-U-{i}" for i in range(args.skus)]
     dated = [f"DT-D-{i}" for i in range(args.skus)]
-    for sku in plain + dated:
-        await core.set_position(sku, LOC, ON_HAND)
+    bare = [f"DT-I-{i}" for i in range(args.skus)]
+    for sku in plain + dated + bare:
+        await core.set_position(sku, LOC, 0 if sku in bare else ON_HAND)
         for d in range(1, DATED_RECEIPTS + 1):
             await core.expect_inbound(sku, LOC, f"PO-{d}", 10**6, today + timedelta(days=d))
     print(
-        f"positions   {len(plain)} + {len(dated)} SKUs at {LOC}, each with {DATED_RECEIPTS} "
-        f"expected receipts (one a day, days 1-{DATED_RECEIPTS}); requests: 1 line, qty 1, "
-        "confirmed at once"
+        f"positions   {len(plain)} + {len(dated)} + {len(bare)} SKUs at {LOC} (the last with "
+        f"nothing on hand), each with {DATED_RECEIPTS} expected receipts (one a day, days "
+        f"1-{DATED_RECEIPTS}); requests: 1 line, qty 1, confirmed at once"
     )
     print()
     run_tag = f"d{int(time.time())}"
@@ -396,6 +402,7 @@ async def bench_dated(
         ("undated", op(plain, False, "u")),
         ("dated", op(dated, True, "d")),
         ("mixed", op(dated, False, "m")),
+        ("inbound", op(bare, True, "i")),
     ]
     results = await run_rounds(args, ops, server_pid, client, alternate=True)
 
@@ -405,6 +412,7 @@ async def bench_dated(
     print()
     print_table(args, results, med)
     u, d, m = med("undated", "rate"), med("dated", "rate"), med("mixed", "rate")
+    w = med("inbound", "rate")
     per_round = [b.rate / a.rate for a, b in zip(results["undated"], results["dated"], strict=True)]
     print()
     print(
@@ -413,11 +421,14 @@ async def bench_dated(
     print(
         f"ratio dated/undated = {d / u:.2f} (per round: "
         f"{', '.join(f'{x:.2f}' for x in per_round)}); aim >= 0.70: "
-        f"{'MET' if d / u >= 0.7 else 'NOT MET'}; mixed/undated = {m / u:.2f}"
+        f"{'MET' if d / u >= 0.7 else 'NOT MET'}; mixed/undated = {m / u:.2f}; "
+        f"inbound (every call walks the schedule)/undated = {w / u:.2f}"
     )
     print(
         "server time per call (script, INFO commandstats): "
-        + ", ".join(f"{k} {med(k, 'script_us'):.1f} us" for k in ("undated", "dated", "mixed"))
+        + ", ".join(
+            f"{k} {med(k, 'script_us'):.1f} us" for k in ("undated", "dated", "mixed", "inbound")
+        )
     )
     if any(p.errors for ps in results.values() for p in ps):
         print("WARNING: some calls failed (see the traceback above); figures are suspect")
@@ -708,7 +719,7 @@ def main() -> int:
         ap.error("--rules or --dated, one at a time")
 
     # the whole run: rounds x ops x (warm-up + measurement), plus slack (and the check)
-    n_ops = 2 + (args.with_script or args.dated) + args.unbatched
+    n_ops = 2 + (args.with_script or args.dated) + args.unbatched + 2 * args.dated
     budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if short else 60)
     with tempfile.TemporaryDirectory(prefix="atp-bench-") as tmp:
         server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)

@@ -172,10 +172,6 @@ local function reserve_one(cfg, req, keys)
           onh[pi][li][ci] = pos.on_hand
           local prs = l.pr and l.pr[ci]
           local slack, base, pts = pos.on_hand - pos.committed, nil, nil
-          if req.rd ~= nil or pos.dated > 0 then
-            base, pts = phased_points(lk.sch, pos, today)
-            slack = phased_min(base, pts, req.rd)
-          end
           local prot = 0
           if prs then
             local _
@@ -185,6 +181,14 @@ local function reserve_one(cfg, req, keys)
           end
           -- backorders at this channel's priority or above came first: theirs, not ours
           local ahead = waiting_ahead(lk.pos, pos, prio)
+          -- time-phased: the schedule is walked only when the shelf alone does not settle it.
+          -- At every point supply >= on_hand and commitments <= committed, so the phased
+          -- slack is never below on_hand - committed: when that covers the line, so does the
+          -- walk (and the line is taken whole from here, so no figure below is needed).
+          if (req.rd ~= nil or pos.dated > 0) and slack - pos.safety_stock - prot - ahead < l.qty then
+            base, pts = phased_points(lk.sch, pos, today)
+            slack = phased_min(base, pts, req.rd)
+          end
           avail[ci] = math.max(0, slack - pos.safety_stock - prot - ahead)
           if slack - pos.safety_stock >= l.qty then raw_ok = true end
           if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
