@@ -45,12 +45,8 @@ class SupplyMixin(CoreBase):
     """Expected receipts and receipts (see the module docstring)."""
 
     def _supply_keys(self, sku: str, location: str) -> tuple[str, ...]:
-        """KEYS of inbound.lua and receive.lua: pos, log, events, lx, res, stats, exc, sch,
-        ib, agg, bq, rp."""
-        agg, pos, _, log, lx, sch, bq = self._line_keys(sku, location)
-        res, _, events, stats, exc, rp = self._bucket_keys(self.keys.bucket(sku))
-        ib = self.keys.position(sku, location).ib
-        return (pos, log, events, lx, res, stats, exc, sch, ib, agg, bq, rp)
+        """KEYS of inbound.lua and receive.lua: set_position's, then the expected receipts."""
+        return (*self._cover_keys(sku, location), self.keys.position(sku, location).ib)
 
     async def _supply(
         self, script: str, sku: str, location: str, req: dict[str, Any], actor: str, source: str

@@ -278,10 +278,25 @@ end
 -- The least slack of a position over all its points: committed <= on_hand - safety_stock
 -- at every point is I1 in its time-phased form (DESIGN.md: future-dated promises may
 -- count inbound due by their date). Without dated commitments it is on_hand - committed.
+-- The slack a reservation due on `from_day` (nil: now) may draw on, against `need` (its
+-- qty plus what is held back for others). The schedule is walked only when the shelf alone
+-- does not settle it: at every point supply >= on_hand and commitments <= committed, so
+-- the phased slack is never below on_hand - committed, and when that covers `need` the
+-- walk cannot change the answer. Returns the slack (exact whenever it is short of `need`),
+-- and the schedule's points when they were read.
+local function slack_for(sch_key, p, today, from_day, need)
+  local slack = p.on_hand - p.committed
+  if (from_day == nil and p.dated == 0) or slack >= need then return slack end
+  local base, pts = phased_points(sch_key, p, today)
+  return phased_min(base, pts, from_day), base, pts
+end
+
 -- Also returns the point where it is least: -1 for the now point (only undated
--- commitments are due there), else its day (commitments due by then are).
-local function position_slack(lk, p, now)
+-- commitments are due there), else its day (commitments due by then are). With `need`,
+-- a shelf that covers it settles the answer without reading the schedule (slack_for).
+local function position_slack(lk, p, now, need)
   if p.dated == 0 or not lk.sch then return p.on_hand - p.committed, -1 end
+  if need and p.on_hand - p.committed >= need then return p.on_hand - p.committed, -1 end
   local base, pts = phased_points(lk.sch, p, today_of(now))
   local least, at = base, -1
   for _, pt in ipairs(pts) do
@@ -354,7 +369,7 @@ end
 local function uncovered(cfg, lk, res_key, sku, loc, cause, now, prio)
   local p = read_pos(lk.pos)
   local slack, due_by = nil, -1
-  if p then slack, due_by = position_slack(lk, p, now) end
+  if p then slack, due_by = position_slack(lk, p, now, p.safety_stock) end
   if p and slack < p.safety_stock then
     local shortfall = p.safety_stock - slack
     local ex = { kind = 'oversell', cause = cause, sku = sku, location = loc,
@@ -561,14 +576,10 @@ local function fill_backorders(cfg, lk, e, now)
       else
         local qty = part.lines[1].qty
         local p = read_pos(lk.pos)
-        local slack = p.on_hand - p.committed
-        if p.dated > 0 then
-          local base, pts = phased_points(lk.sch, p, today)
-          slack = phased_min(base, pts, nil)
-        end
         local _, prot = channel_atp(p, part.ch, part.pr, function(g)
           return tonumber(redis.call('HGET', lk.pos, 'ch:' .. g) or '0')
         end)
+        local slack = slack_for(lk.sch, p, today, nil, qty + p.safety_stock + prot)
         if slack - p.safety_stock - prot < qty then short = true; break end
         local allowed = true
         if part.cap ~= nil and tonumber(redis.call('HGET', lk.agg, 'ch:' .. part.ch) or '0') + qty > part.cap then

@@ -171,7 +171,6 @@ local function reserve_one(cfg, req, keys)
           any = true
           onh[pi][li][ci] = pos.on_hand
           local prs = l.pr and l.pr[ci]
-          local slack, base, pts = pos.on_hand - pos.committed, nil, nil
           local prot = 0
           if prs then
             local _
@@ -181,19 +180,15 @@ local function reserve_one(cfg, req, keys)
           end
           -- backorders at this channel's priority or above came first: theirs, not ours
           local ahead = waiting_ahead(lk.pos, pos, prio)
-          -- time-phased: the schedule is walked only when the shelf alone does not settle it.
-          -- At every point supply >= on_hand and commitments <= committed, so the phased
-          -- slack is never below on_hand - committed: when that covers the line, so does the
-          -- walk (and the line is taken whole from here, so no figure below is needed).
-          if (req.rd ~= nil or pos.dated > 0) and slack - pos.safety_stock - prot - ahead < l.qty then
-            base, pts = phased_points(lk.sch, pos, today)
-            slack = phased_min(base, pts, req.rd)
-          end
+          -- time-phased when dated (slack_for): exact whenever the line is short of it; a
+          -- line the shelf covers is taken whole from here, so no other figure is needed
+          local need = l.qty + pos.safety_stock + prot + ahead
+          local slack, base, pts = slack_for(lk.sch, pos, today, req.rd, need)
           avail[ci] = math.max(0, slack - pos.safety_stock - prot - ahead)
           if slack - pos.safety_stock >= l.qty then raw_ok = true end
           if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
           if ci == 1 then
-            sched = { lk = lk, pos = pos, base = base, pts = pts, need = l.qty + pos.safety_stock + prot + ahead }
+            sched = { lk = lk, pos = pos, base = base, pts = pts, need = need }
           end
         else
           avail[ci] = 0

@@ -162,7 +162,7 @@ for _, g in ipairs(req.groups) do
                   -- as the applied count would see it: time-phased when promises are dated
                   local view = read_pos(lk.pos)
                   view.on_hand = after
-                  local slack = position_slack(lk, view, now)
+                  local slack = position_slack(lk, view, now, ss)
                   if slack < ss then res.at_risk = ss - slack end
                 end
               else

@@ -13,10 +13,11 @@ KEYS:
   [1] pos    position hash    [2] log  position movement stream (unused; shape of receive)
   [3] events bucket outbox    [4] lx   position live index    [5] res  bucket reservation parts
   [6] stats  bucket totals    [7] exc  bucket exceptions      [8] sch  position schedule
-  [9] ib     position's open expected receipts
-  [10] agg   the SKU's totals (unused)    [11] bq  backorder queue (unused: backorders wait for
-             the shelf, not for inbound)    [12] rp  bucket open replenishment signals (inbound
-             is in the inventory position: expecting more may clear a signal, less raise one)
+  [9] agg    the SKU's totals (unused)    [10] bq  backorder queue (unused: backorders wait
+             for the shelf, not for inbound)    [11] rp  bucket open replenishment signals
+             (inbound is in the inventory position: expecting more may clear a signal, less
+             raise one)    [12] ib  the position's expected receipts
+  (the keys of receive.lua)
 ARGV:
   [1] cfg  JSON {max_on_hand, ev_max, actor, source, risk_max}
   [2] req  JSON {op: "expect" | "amend" | "cancel", sku, loc, b (bucket), ref,
@@ -49,7 +50,7 @@ if req.op == 'expect' or req.at ~= nil then
 end
 if req.op == 'amend' and req.qty == nil and req.at == nil then return refuse('bad_request', 'amend needs qty or at') end
 
-local pos_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[3], KEYS[8], KEYS[9]
+local pos_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[3], KEYS[8], KEYS[12]
 local lk = { pos = KEYS[1], lx = KEYS[4], sch = KEYS[8] }
 local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local now = now_ms()
@@ -68,7 +69,7 @@ local function move(day, units)
 end
 
 local function reply(e, replay, exc_id)
-  if replay == 0 then replen_check(cfg, pos_key, KEYS[12], ev_key, req.sku, req.loc, now) end
+  if replay == 0 then replen_check(cfg, pos_key, KEYS[11], ev_key, req.sku, req.loc, now) end
   return cjson.encode({ ok = 1, inbound = e or cjson.null, replay = replay,
     position = pos_reply(pos_key), exception = exc_id })
 end

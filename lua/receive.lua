@@ -10,9 +10,10 @@ schedule; when that leaves dated promises uncovered an oversell exception is rai
 KEYS:
   [1] pos    position hash    [2] log  position movement stream    [3] events  bucket outbox
   [4] lx     position live index   [5] res  bucket reservation parts   [6] stats  bucket totals
-  [7] exc    bucket exceptions     [8] sch  position schedule     [9] ib  open expected receipts
-  [10] agg   the SKU's totals      [11] bq  position backorder queue (filled from what arrives)
-  [12] rp    bucket open replenishment signals
+  [7] exc    bucket exceptions     [8] sch  position schedule     [9] agg  the SKU's totals
+  [10] bq    position backorder queue (filled from what arrives)
+  [11] rp    bucket open replenishment signals    [12] ib  expected receipts
+  (those of set_position, then ib)
 ARGV:
   [1] cfg  JSON {max_on_hand, log_max, ev_max, actor, source}
   [2] req  JSON {sku, loc, b (bucket), qty, ref, close (bool, optional), prio (optional)}
@@ -34,8 +35,8 @@ if not is_int(req.qty, 1, cfg.max_on_hand) then return refuse('bad_request', 'qt
 if not is_text(req.ref, 200) then return refuse('bad_request', 'reference must be 1-200 characters') end
 if req.close ~= nil and type(req.close) ~= 'boolean' then return refuse('bad_request', 'close must be true or false') end
 
-local pos_key, log_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[2], KEYS[3], KEYS[8], KEYS[9]
-local lk = { pos = KEYS[1], log = KEYS[2], lx = KEYS[4], sch = KEYS[8], agg = KEYS[10], bq = KEYS[11] }
+local pos_key, log_key, ev_key, sch_key, ib_key = KEYS[1], KEYS[2], KEYS[3], KEYS[8], KEYS[12]
+local lk = { pos = KEYS[1], log = KEYS[2], lx = KEYS[4], sch = KEYS[8], agg = KEYS[9], bq = KEYS[10] }
 local bk = { res = KEYS[5], events = KEYS[3], stats = KEYS[6], exc = KEYS[7] }
 local raw = redis.call('HGET', ib_key, req.ref)
 if raw then
@@ -83,6 +84,6 @@ if cut > 0 then
   if ex then exc_id = ex.id end
 end
 local filled = fill_backorders(cfg, lk, bk, now)
-replen_check(cfg, pos_key, KEYS[12], ev_key, req.sku, req.loc, now)
+replen_check(cfg, pos_key, KEYS[11], ev_key, req.sku, req.loc, now)
 return cjson.encode({ ok = 1, position = pos_reply(pos_key), inbound = ent or cjson.null, exception = exc_id,
   filled = filled })

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from atp.apikeys import Principal
-from atp.errors import InvalidRequest, UnknownPosition
+from atp.errors import UnknownPosition
 
 from .. import convert
 from ..deps import Admin, Reader, core_of, require_any
@@ -142,8 +142,6 @@ async def amend_inbound(
 ) -> JSONResponse:
     """Amend an open expected receipt: ``qty`` still expected and/or ``expected_at``. Less
     supply, or later, that leaves dated promises uncovered raises an oversell exception."""
-    if body.qty is None and body.expected_at is None:
-        raise InvalidRequest("give qty or expected_at to amend", field="qty")
     r = await core_of(request).amend_inbound(
         sku,
         location,
