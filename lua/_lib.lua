@@ -69,6 +69,7 @@ local function pos_reply(key)
 end
 
 -- Append one movement (a change of on_hand or committed) to a position's log (I5).
+-- The figures may be numbers or their text (reserve passes text it has at hand).
 local function log_move(cfg, log_key, kind, m)
   redis.call('XADD', log_key, 'MAXLEN', '~', cfg.log_max, '*',
     'kind', kind, 'reason', str(m.reason), 'actor', str(cfg.actor), 'source', str(cfg.source),
@@ -110,19 +111,14 @@ end
 -- again until the position rises above the reorder point, which clears it (a
 -- `replenishment_cleared` event). A position without a reorder point costs one HMGET.
 -- Returns 'raised', 'cleared' or nil.
-local function replen_check(cfg, pos_key, rp_key, ev_key, sku, loc, now)
-  local v = redis.call('HMGET', pos_key, 'rop', 'on_hand', 'committed', 'inbound', 'out', 'rs', 'bo')
-  if not v[1] then return nil end
-  local rop = tonumber(v[1])
-  local oh, cm, inb = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0')
-  local bo = tonumber(v[7] or '0')
+-- replen_apply decides from the figures given (a caller that has just read and written
+-- them, as reserve does); replen_check reads them first.
+local function replen_apply(cfg, pos_key, rp_key, ev_key, sku, loc, now, rop, out, open, oh, cm, inb, bo)
   -- backorders are demand not yet committed: they lower the inventory position too
   local ip = oh + inb - cm - bo
-  local open = v[6] == '1'
   local member = sku .. '|' .. loc
   if ip <= rop then
     if open then return nil end
-    local out = tonumber(v[5] or v[1])
     local d = { sku = sku, location = loc, on_hand = oh, inbound = inb, committed = cm,
       backordered = bo, inventory_position = ip, reorder_point = rop, order_up_to = out,
       suggested_qty = out - ip, raised_at = now }
@@ -139,6 +135,15 @@ local function replen_check(cfg, pos_key, rp_key, ev_key, sku, loc, now)
     return 'cleared'
   end
   return nil
+end
+
+local function replen_check(cfg, pos_key, rp_key, ev_key, sku, loc, now)
+  local v = redis.call('HMGET', pos_key, 'rop', 'on_hand', 'committed', 'inbound', 'out', 'rs', 'bo')
+  if not v[1] then return nil end
+  local rop = tonumber(v[1])
+  return replen_apply(cfg, pos_key, rp_key, ev_key, sku, loc, now, rop, tonumber(v[5] or v[1]),
+    v[6] == '1', tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0'),
+    tonumber(v[7] or '0'))
 end
 
 -- Units a reservation line still holds committed: not shipped and not released. Units
@@ -413,6 +418,8 @@ end
 
 -- Reclaim, on one position, the units of holds that have expired (bounded by `limit`).
 -- The expired reservations' parts live in `e.res` (same bucket as the position).
+-- Returns the units given back and how many lapsed holds it looked at (below `limit`:
+-- none is left lapsed at `now`).
 local function reclaim_expired(cfg, lk, e, sku, loc, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', lk.hx, '-inf', now, 'LIMIT', 0, limit)
   local n = 0
@@ -445,7 +452,7 @@ local function reclaim_expired(cfg, lk, e, sku, loc, now, limit)
     end
     redis.call('ZREM', lk.hx, rid)
   end
-  return n
+  return n, #ids
 end
 
 -- What reclaim_expired would give back on one position, without writing: units per

@@ -53,4 +53,7 @@ touched are reclaimed first: that reclaim is due anyway and happens before decid
 --- @include "_lib"
 --- @include "_reserve"
 
-return reserve_one(cjson.decode(ARGV[1]), cjson.decode(ARGV[2]), KEYS)
+local ctx = reserve_ctx()
+local reply = reserve_one(cjson.decode(ARGV[1]), cjson.decode(ARGV[2]), KEYS, ctx)
+reserve_flush(ctx)
+return reply

@@ -36,8 +36,9 @@ for _, n in ipairs(counts) do
 end
 if total ~= #KEYS then return redis.error_reply('reserve_many: counts do not match KEYS') end
 
+local ctx = reserve_ctx()  -- what the batch shares: the time, rules versions, reclaims
 local function run(raw_req, keys)
-  return reserve_one(cfg, cjson.decode(raw_req), keys)
+  return reserve_one(cfg, cjson.decode(raw_req), keys, ctx)
 end
 
 local out, k = {}, 0
@@ -53,4 +54,5 @@ for i, n in ipairs(counts) do
     out[i] = '!' .. tostring(reply)
   end
 end
+reserve_flush(ctx)
 return out
