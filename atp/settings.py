@@ -39,6 +39,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".atp-data"), description="embedded server data")
     appendfsync: Literal["always", "everysec", "no"] = "always"
+    embedded_allocator: Literal["auto", "jemalloc", "libc"] = Field(
+        default="auto",
+        description="the embedded server's allocator: auto preloads the system's jemalloc "
+        "into a libc-malloc build when there is one (atp.embedded)",
+    )
 
     env: Literal["development", "production"] = "development"
     admin_key: SecretStr | None = Field(default=None, description="bootstrap admin bearer key")

@@ -519,7 +519,10 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer) -> int:
             f"redis-py    {redis.__version__}; hiredis {hiredis_version}; "
             f"parser {parser} -> hiredis in use: {'yes' if uses_hiredis else 'NO'}"
         )
-        print(f"server      {server_name} {server_version} ({server.binary}), {server.url}")
+        print(
+            f"server      {server_name} {server_version} ({server.binary}, allocator "
+            f"{server.allocator}), {server.url}"
+        )
         print(f"persistence appendonly yes, appendfsync {args.appendfsync}")
         print(
             f"load        {args.tasks} asyncio tasks, {args.seconds:g} s per measurement after "
@@ -674,6 +677,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 5; 4 with --rules)")
     ap.add_argument("--appendfsync", choices=("no", "everysec", "always"), default="everysec")
     ap.add_argument(
+        "--allocator",
+        choices=("auto", "jemalloc", "libc"),
+        default="auto",
+        help="the embedded server's allocator (atp.embedded; default auto, as atp serve)",
+    )
+    ap.add_argument(
         "--with-script",
         action="store_true",
         help="also measure the bare reserve script (no atp.store work): a diagnostic",
@@ -722,7 +731,9 @@ def main() -> int:
     n_ops = 2 + (args.with_script or args.dated) + args.unbatched + 2 * args.dated
     budget = args.rounds * n_ops * (args.seconds + args.warmup) + (180 if short else 60)
     with tempfile.TemporaryDirectory(prefix="atp-bench-") as tmp:
-        server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)
+        server = EmbeddedServer(
+            Path(tmp) / "data", appendfsync=args.appendfsync, allocator=args.allocator
+        )
         server.start()
         try:
             coro = asyncio.wait_for(bench(args, server), timeout=budget)

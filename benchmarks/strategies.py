@@ -394,7 +394,7 @@ async def bench(args: argparse.Namespace, server: EmbeddedServer, pg_url: str | 
             f"{type(asyncio.get_running_loop()).__module__}; {args.clients} clients, "
             f"{args.seconds:g} s per strategy and phase, sellout stock {args.units:,}",
             f"- {server_name} {server_version} (embedded, loopback TCP, appendonly yes, "
-            f"appendfsync {args.appendfsync})",
+            f"appendfsync {args.appendfsync}, allocator {server.allocator})",
             f"- PostgreSQL: {await pg_version(pg_url) if pg_url else 'not run (no --pg URL)'}",
         ]
         for v in versions:
@@ -484,6 +484,13 @@ def main() -> int:
     ap.add_argument("--pg", help="PostgreSQL URL (default: $ATP_TEST_POSTGRES_URL)")
     ap.add_argument("--appendfsync", choices=("no", "everysec", "always"), default="always")
     ap.add_argument(
+        "--allocator",
+        choices=("auto", "jemalloc", "libc"),
+        default="auto",
+        help="the embedded server's allocator (atp.embedded; default auto: the system's "
+        "jemalloc preloaded into a libc-malloc build when there is one, as atp serve does)",
+    )
+    ap.add_argument(
         "--strategies", default=",".join(STRATEGIES), help="comma-separated subset to run"
     )
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
@@ -501,7 +508,9 @@ def main() -> int:
     n = len(args.strategies) * 2
     budget = n * (args.seconds + 60) + 60
     with tempfile.TemporaryDirectory(prefix="atp-strategies-") as tmp:
-        server = EmbeddedServer(Path(tmp) / "data", appendfsync=args.appendfsync)
+        server = EmbeddedServer(
+            Path(tmp) / "data", appendfsync=args.appendfsync, allocator=args.allocator
+        )
         server.start()
         global SERVER_PID
         SERVER_PID = server.proc.pid if server.proc is not None else 0
