@@ -68,19 +68,42 @@ local function pos_reply(key)
   return p
 end
 
+-- Streams are kept to their length (cfg.log_max, cfg.ev_max) approximately, at each XADD;
+-- or, when `trim` is given (a table), once for the whole script call: the XADD leaves the
+-- stream as it is and notes it in `trim`, and the caller runs trim_streams(trim) before it
+-- returns (reserve does, to pay for one trim per batch instead of one per reservation).
+local function trim_streams(trim)
+  for key, max in pairs(trim) do redis.call('XTRIM', key, 'MAXLEN', '~', max) end
+end
+
 -- Append one movement (a change of on_hand or committed) to a position's log (I5).
 -- The figures may be numbers or their text (reserve passes text it has at hand).
-local function log_move(cfg, log_key, kind, m)
-  redis.call('XADD', log_key, 'MAXLEN', '~', cfg.log_max, '*',
-    'kind', kind, 'reason', str(m.reason), 'actor', str(cfg.actor), 'source', str(cfg.source),
-    'ref', str(m.ref), 'rid', str(m.rid), 'channel', str(m.channel),
-    'on_hand_before', m.ohb, 'on_hand_after', m.oha,
-    'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
+local function log_move(cfg, log_key, kind, m, trim)
+  local reason, actor, source = str(m.reason), str(cfg.actor), str(cfg.source)
+  local ref, rid, channel = str(m.ref), str(m.rid), str(m.channel)
+  if trim then
+    trim[log_key] = cfg.log_max
+    redis.call('XADD', log_key, '*', 'kind', kind, 'reason', reason, 'actor', actor,
+      'source', source, 'ref', ref, 'rid', rid, 'channel', channel,
+      'on_hand_before', m.ohb, 'on_hand_after', m.oha,
+      'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
+  else
+    redis.call('XADD', log_key, 'MAXLEN', '~', cfg.log_max, '*', 'kind', kind, 'reason', reason,
+      'actor', actor, 'source', source, 'ref', ref, 'rid', rid, 'channel', channel,
+      'on_hand_before', m.ohb, 'on_hand_after', m.oha,
+      'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
+  end
 end
 
 -- Append one event to a bucket's outbox stream; `data` is a table, or JSON text already.
-local function emit(cfg, ev_key, etype, rid, channel, at, data)
+local function emit(cfg, ev_key, etype, rid, channel, at, data, trim)
   if type(data) ~= 'string' then data = cjson.encode(data) end
+  if trim then
+    trim[ev_key] = cfg.ev_max
+    redis.call('XADD', ev_key, '*', 'type', etype, 'rid', str(rid), 'channel', str(channel),
+      'at', at, 'actor', str(cfg.actor), 'data', data)
+    return
+  end
   redis.call('XADD', ev_key, 'MAXLEN', '~', cfg.ev_max, '*',
     'type', etype, 'rid', str(rid), 'channel', str(channel), 'at', at,
     'actor', str(cfg.actor), 'data', data)

@@ -11,7 +11,8 @@
 -- TIME for the script call, as if the batch arrived at one instant), each bucket's rules
 -- version (no reserve changes it), which positions' lapsed holds were already reclaimed
 -- at that time (a hold made in the batch lapses later), and the buckets' unit totals to
--- add when the call ends (reserve_stat; the caller runs reserve_flush). Its `now` and derived figures are
+-- add and the streams to trim when the call ends (reserve_stat, trim_streams in _lib; the
+-- caller runs reserve_flush). Its `now` and derived figures are
 -- set by the first reservation that gets that far.
 --
 -- Cost matters here: every reservation of a flash sale runs this, on one server thread, so
@@ -44,7 +45,7 @@ local function jval(v)
 end
 
 local function reserve_ctx()
-  return { rv = {}, reclaimed = {}, stats = {} }
+  return { rv = {}, reclaimed = {}, stats = {}, trim = {} }
 end
 
 -- The buckets' unit totals (stat in _lib) the reservations added, written once per bucket
@@ -61,7 +62,8 @@ end
 
 local function reserve_flush(ctx)
   for key, t in pairs(ctx.stats) do stat(key, t[1], t[2]) end
-  ctx.stats = {}
+  trim_streams(ctx.trim)
+  ctx.stats, ctx.trim = {}, {}
 end
 
 -- read_pos, plus what a reserve writes back or checks afterwards: the channel's committed
@@ -427,7 +429,7 @@ local function reserve_one(cfg, req, keys, ctx)
         local before, after = commit_reserve(lk, pos, q, ch_field, req.cu, req.rd, ctx)
         log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
           ohb = pos.oh_s, oha = pos.oh_s, cmb = string.format('%d', before),
-          cma = string.format('%d', after), at = now_s })
+          cma = string.format('%d', after), at = now_s }, ctx.trim)
         if held then redis.call('ZADD', lk.hx, ex_s, req.id) end
         redis.call('ZADD', lk.lx, '0', member)
         local sku_j, loc_j = jstr(l.sku), jstr(loc)
@@ -443,7 +445,7 @@ local function reserve_one(cfg, req, keys, ctx)
     redis.call('HSET', e.res, req.id, rec_json)
     if held then redis.call('ZADD', e.holds, ex_s, req.id) end
     -- the event carries the part as stored (status, expiry, lines, rules version)
-    emit(cfg, e.events, 'reserved', req.id, req.ch, now_s, rec_json)
+    emit(cfg, e.events, 'reserved', req.id, req.ch, now_s, rec_json, ctx.trim)
     for li, l in ipairs(p.lines) do
       local locs = l.locs or { l.loc }
       for _, t in ipairs(plan[pi][li]) do

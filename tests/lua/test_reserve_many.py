@@ -215,3 +215,26 @@ async def test_reserve_many_survives_a_script_flush(atp: ATP) -> None:
     assert all(not o.replayed for o in outs)
     assert trips[0] == ["reserve_many"]
     assert (await atp.position("HOT", "W1")).committed == 8
+
+
+async def test_streams_stay_bounded_when_trimmed_once_per_batch(atp: ATP, settings: Any) -> None:
+    """reserve_many trims the movement log and the outbox once per call, not per XADD:
+    they still stay near their lengths (approximate trimming: whole stream nodes)."""
+    small = ATP(atp.redis, settings.model_copy(update={"log_maxlen": 100, "events_maxlen": 100}))
+    await small.start()
+    await small.set_position("TRIM", "W1", 10_000, reason="init")
+    assert small._pipe is not None
+    trips = spy_wire(small._pipe)
+    for wave in range(6):
+        await asyncio.gather(
+            *(
+                small.reserve(f"t{wave}-{i}", "web", [("TRIM", "W1", 1)], hold_seconds=0)
+                for i in range(64)
+            )
+        )
+    assert any("reserve_many" in t for t in trips)  # the batched path ran
+    log = await atp.redis.xlen(small.keys.position("TRIM", "W1").log)
+    events = await atp.redis.xlen(small.keys.bucket_keys(small.keys.bucket("TRIM")).events)
+    # 385 entries were written to each; '~' keeps whole nodes of 100, plus one batch
+    assert 100 <= log <= 100 + 100 + 64, log
+    assert 100 <= events <= 100 + 100 + 64, events
