@@ -127,7 +127,7 @@ class ScriptRunner:
         a small set (bucket and position keys), so their encoded form is cached."""
         out = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args),
                self._sha_bytes[name]), _bulk(str(len(keys)))]  # fmt: skip
-        out += [_bulk(k) for k in keys]
+        out += map(_bulk, keys)
         for a in args:
             b = _enc(a)
             out.append(b"$%d\r\n%s\r\n" % (len(b), b))

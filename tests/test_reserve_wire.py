@@ -357,3 +357,31 @@ async def test_a_request_made_again_under_other_rules_is_resolved_again(fake_atp
     routed: Any = ("web-eu", [("SKU-0", None, 2)])
     sent = await _sent(core, "y-0", *routed, region="EU")
     assert sent == await _sent(fresh(), "y-0", *routed, region="EU")
+
+
+async def test_replies_alike_are_decoded_alike(fake_atp: ATP) -> None:
+    """reserve reuses the decoding of a reply byte-for-byte like the last fresh one (the
+    calls of a batch are mostly answered alike); any other reply is decoded afresh."""
+    from atp import InsufficientStock
+
+    confirmed = b'{"ok":1,"replay":0,"st":"confirmed","cr":1795757651826,"ex":0,"rv":0}'
+    held = b'{"ok":1,"replay":0,"st":"held","cr":1795757651826,"ex":1795757711826,"rv":0}'
+    short = b'{"err":"insufficient","detail":"short","lines":[]}'
+    replies = [confirmed, confirmed, held, short, short, confirmed, held]
+
+    async def answer(name: str, keys: Any, argv: Any) -> Any:
+        return replies.pop(0)
+
+    fake_atp._call = answer  # type: ignore[method-assign, assignment]
+    got: list[Any] = []
+    for i in range(7):
+        try:
+            r = await fake_atp.reserve(f"r{i}", "web", [("A", "W", 1)], hold_seconds=0)
+            got.append((r.id, r.status, r.expires_at is not None))
+        except InsufficientStock as e:
+            got.append(("short", e.detail))
+    assert got == [
+        ("r0", "confirmed", False), ("r1", "confirmed", False), ("r2", "held", True),
+        ("short", "short"), ("short", "short"), ("r5", "confirmed", False),
+        ("r6", "held", True),
+    ]  # fmt: skip
