@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -143,10 +143,12 @@ class CoreBase:
     def _make_line_keys(self, sku: str, location: str) -> tuple[str, str, str, str, str, str, str]:
         return self.keys.position(sku, location).line()
 
-    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        """One script call, to be awaited for its reply. Auto-pipelined, it is a future
+        (not a coroutine around one: every layer costs the reserve hot path when resumed)."""
         if self._pipe is not None:
-            return await self._pipe.call(name, keys, args)
-        return await self.scripts.call(self.redis, name, keys, args)
+            return self._pipe.submit(name, keys, args)
+        return self.scripts.call(self.redis, name, keys, args)
 
     async def _run(
         self, name: str, keys: Sequence[str], cfg: str, req: dict[str, Any]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, cast
 
 from .errors import (
@@ -130,6 +131,28 @@ def _reserve_req_json(
     """``_dumps`` of reserve.lua's ``req``: {id, ch, hold, fp, idx, home, rv, [cu], [rd],
     [pp], [bo], parts: [{b, n, [c], lines: [{sku, loc | locs+split, qty, [pr], [cap],
     [bl]}]}]}, in that key order."""
+    mid, tail = _reserve_req_around(
+        channel, hold_ms, fp, rv, customer, specs, idx=idx, rd=rd, pp=pp, backorder=backorder
+    )
+    return f'{{"id":"{rid}",{mid}{home:d}{tail}'
+
+
+def _reserve_req_around(
+    channel: str,
+    hold_ms: int,
+    fp: str,
+    rv: int,
+    customer: str | None,
+    specs: dict[int, list[_Spec]],
+    *,
+    idx: bool = True,
+    rd: int | None = None,
+    pp: int = 0,
+    backorder: bool = False,
+) -> tuple[str, str]:
+    """The text of ``_reserve_req_json`` around its two per-call values, the reservation id
+    and its home bucket: what follows ``{"id":"<id>",`` up to the home bucket, and what
+    follows it. Everything else is the same for every call with the same request."""
     ps = ",".join([_part_json(b, sp) for b, sp in specs.items()])
     cu = "" if customer is None else f',"cu":"{customer}"'
     if rd is not None:
@@ -139,8 +162,9 @@ def _reserve_req_json(
     if backorder:
         cu += ',"bo":true'
     return (
-        f'{{"id":"{rid}","ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}",'
-        f'"idx":{"true" if idx else "false"},"home":{home:d},"rv":{rv:d}{cu},"parts":[{ps}]}}'
+        f'"ch":"{channel}","hold":{hold_ms:d},"fp":"{fp}",'
+        f'"idx":{"true" if idx else "false"},"home":',
+        f',"rv":{rv:d}{cu},"parts":[{ps}]}}',
     )
 
 
@@ -241,21 +265,23 @@ def _fresh(
     specs: dict[int, list[_Spec]],
     out: dict[str, Any],
     customer: str | None,
+    lines: tuple[ReservationLine, ...] | None = None,
 ) -> Reservation:
     """A reservation just taken: the script answers its status, times and rules version,
     and the lines as taken only when it routed one; otherwise they are the request's (in
-    the order of its parts)."""
-    created = ms_to_dt(out["cr"])
+    the order of its parts), ``lines`` when the caller has them already."""
+    created = _created_dt(out["cr"])
     taken = out.get("lines")
     if taken is not None:
         lines = tuple([ReservationLine(sku, loc, qty) for sku, loc, qty in taken])
-    else:
+    elif lines is None:
         lines = tuple([ReservationLine(sp[0], sp[1], sp[2]) for sl in specs.values() for sp in sl])  # type: ignore[arg-type]
     ex = out["ex"]
+    st = out["st"]
     return Reservation(
         id=rid,
         channel=channel,
-        status=cast(Status, out["st"]),
+        status=cast(Status, st),
         lines=lines,
         created_at=created,
         expires_at=ms_to_dt(ex) if ex else None,
@@ -263,8 +289,12 @@ def _fresh(
         customer_id=customer,
         rules_version=int(out.get("rv", 0)),
         requested_date=date_of(out["rd"]) if out.get("rd") is not None else None,
-        backordered=out["st"] == "backordered",
+        backordered=st == "backordered",
     )
+
+
+# the calls of one batch were taken in the same millisecond, mostly: one datetime for them
+_created_dt = lru_cache(maxsize=64)(ms_to_dt)
 
 
 def _original(current: Reservation, hold_seconds: int) -> Reservation:

@@ -141,7 +141,7 @@ class BucketKeys:
 class KeySpace:
     """Builds key names for one deployment (prefix and bucket count)."""
 
-    __slots__ = ("_tag_cache", "buckets", "prefix")
+    __slots__ = ("_index_keys", "_tag_cache", "buckets", "prefix")
 
     def __init__(self, prefix: str = "atp:", buckets: int = 128) -> None:
         if buckets < 1 or buckets > 16384:
@@ -151,6 +151,7 @@ class KeySpace:
         self.prefix = prefix
         self.buckets = buckets
         self._tag_cache = [f"{{{prefix}{b}}}" for b in range(buckets)]
+        self._index_keys = [f"{t}:rix" for t in self._tag_cache]
 
     def bucket(self, name: str) -> int:
         """Bucket of a SKU (or, for the reservation index, of a reservation id)."""
@@ -210,6 +211,12 @@ class KeySpace:
     def index(self, reservation_id: str) -> str:
         """The reservation index key, in the home bucket of the reservation id."""
         return f"{self._tag_cache[_crc(reservation_id) % self.buckets]}:rix"
+
+    def index_and_home(self, reservation_id: str) -> tuple[str, int]:
+        """The reservation index key and its bucket (the reservation's home). Not through
+        the cached ``_crc``: reservation ids are mostly new, so a cache would only churn."""
+        home = zlib.crc32(reservation_id.encode()) % self.buckets
+        return self._index_keys[home], home
 
     def index_of_bucket(self, bucket: int) -> str:
         """The reservation index hash of one bucket (the entries of the reservation ids

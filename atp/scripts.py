@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -68,13 +68,22 @@ def load_source(name: str) -> str:
     return _INCLUDE.sub(inline, text)
 
 
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 def decode(raw: Any) -> dict[str, Any]:
     """Decode a script's JSON reply; raise the typed error for a refusal."""
     if isinstance(raw, bytes):
         raw = raw.decode()
     if not isinstance(raw, str):
         raise BackendError(f"unexpected script reply {raw!r:.200}")
-    reply: dict[str, Any] = json.loads(raw)
+    reply: dict[str, Any]
+    try:  # json.loads without its checks for what a script never sends (outer spaces)
+        reply, end = _scan_once(raw, 0)
+    except StopIteration:
+        end = -1
+    if end != len(raw):  # not one bare JSON text: json.loads decides (and words the error)
+        reply = json.loads(raw)
     code = reply.get("err")
     if code is not None:
         cls: type[ATPError] = SCRIPT_ERRORS.get(code, BackendError)
@@ -118,7 +127,7 @@ class ScriptRunner:
         a small set (bucket and position keys), so their encoded form is cached."""
         out = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args),
                self._sha_bytes[name]), _bulk(str(len(keys)))]  # fmt: skip
-        out += [_bulk(k) for k in keys]
+        out += map(_bulk, keys)
         for a in args:
             b = _enc(a)
             out.append(b"$%d\r\n%s\r\n" % (len(b), b))
@@ -219,15 +228,20 @@ class AutoPipeline:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self.submit(name, keys, args)
+
+    def submit(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue the call (as :meth:`call`); the future is its reply or its error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((name, keys, args, fut))
-        if len(self._queue) >= self.max_batch:
+        queue = self._queue
+        queue.append((name, keys, args, fut))
+        if len(queue) >= self.max_batch:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await fut
+        return fut
 
     def _flush(self) -> None:
         self._scheduled = False

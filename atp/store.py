@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal, cast
+
+from redis.asyncio import Redis
 
 from ._base import _RULES_TRIES
 from ._cluster import ClusterMixin
@@ -28,8 +31,9 @@ from ._wire import (
     _position,
     _reservation,
     _reserve_fp_json,
-    _reserve_req_json,
+    _reserve_req_around,
     _s,
+    _Spec,
 )
 from .errors import (
     IdempotencyConflict,
@@ -45,6 +49,7 @@ from .models import (
     Movement,
     Position,
     Reservation,
+    ReservationLine,
     check_channel,
     check_customer,
     check_date,
@@ -56,9 +61,31 @@ from .models import (
     day_of,
 )
 from .replenishment import ReplenishmentMixin
+from .rules import Rules
 from .scripts import decode
+from .settings import Settings
 
 __all__ = ["ATP"]
+
+_PREPARED_MAX = 4096  # distinct reserve requests remembered (the map starts over when full)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """One reserve request (all of it but the reservation id), worked out once: what it
+    resolves to under ``rules`` is filled in by ``ATP._resolve`` and redone when the
+    rules in force are another ``Rules`` object."""
+
+    fp: str
+    parts: dict[int, list[tuple[str, str | None, int]]]
+    rd: int | None
+    backorder: bool
+    lines: tuple[ReservationLine, ...]
+    rules: Rules | None = None
+    specs: dict[int, list[_Spec]] = field(default_factory=dict)
+    keys: tuple[str, ...] = ()
+    req_mid: str = ""
+    req_tail: str = ""
 
 
 class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
@@ -73,6 +100,13 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
     and receipts in ``atp._supply``, replenishment levels, signals and planning in
     ``atp.replenishment``.
     """
+
+    def __init__(self, client: Redis, settings: Settings | None = None) -> None:
+        super().__init__(client, settings)
+        # reserve requests already worked out, by everything in them but the id (reserve)
+        self._prepared: dict[tuple[object, ...], _Prepared] = {}
+        # the last fresh reserve reply and its decoding, which reserve never changes
+        self._last_reply: tuple[bytes, dict[str, Any]] = (b"", {})
 
     # -- positions -------------------------------------------------------------------------
 
@@ -281,7 +315,7 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
             raise InvalidRequest("a reservation needs at least one line", field="lines")
         if len(lines) > s.max_lines:
             raise InvalidRequest(f"at most {s.max_lines} lines", field="lines")
-        parts: dict[int, list[tuple[str, str | None, int]]] = {}
+        checked: list[tuple[str, str | None, int]] = []
         seen: set[tuple[str, str | None]] = set()
         routed: set[str] = set()
         for raw in lines:
@@ -303,35 +337,32 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
                     raise InvalidRequest("a backorder's line needs a location", field="lines")
                 routed.add(sku)
             seen.add((sku, loc))
-            parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
+            checked.append((sku, loc, qty))
         for sku in sorted(routed):
             if sum(1 for k, _ in seen if k == sku) > 1:
                 raise InvalidRequest(
                     f"a line without a location must be the only line for its SKU ({sku})",
                     field="lines",
                 )
-        # The hot path: the JSON argument and the fingerprint are written directly, not
-        # through json. That is exact because every string in them has passed the checks
-        # above (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE, CUSTOMER_RE, REGION_RE: ASCII, no
-        # quote, backslash or control character, so nothing JSON escapes) and every number
-        # is a checked int; the text is byte-for-byte what _dumps gives
-        # (tests/test_reserve_wire.py).
-        all_lines = sorted(
-            (sku, loc or "", qty) for plines in parts.values() for sku, loc, qty in plines
-        )
-        fp = _fingerprint_text(
-            _reserve_fp_json(
-                channel, hold, all_lines, customer_id, region, allow_split, rd, backorder
+        # Everything but the id is the same for every call with the same (checked) request,
+        # so it is worked out once and reused (a flash sale reserves one SKU over and over).
+        request = (channel, hold, customer_id, region, allow_split, rd, backorder, *checked)
+        prep = self._prepared.get(request)
+        if prep is None:
+            prep = self._prepare(
+                channel, hold, checked, customer_id, region, allow_split, rd, backorder
             )
-        )
+            if len(self._prepared) >= _PREPARED_MAX:
+                self._prepared.clear()
+            self._prepared[request] = prep
+        fp = prep.fp
         cfg = self._cfg(actor, source)
         for _ in range(_RULES_TRIES):
             rules = self._rules
             try:
-                specs = {
-                    b: [self._line_spec(rules, channel, region, allow_split, ln) for ln in pl]
-                    for b, pl in parts.items()
-                }
+                if prep.rules is not rules:
+                    self._resolve(prep, rules, channel, hold, customer_id, region, allow_split)
+                specs = prep.specs
                 if self.cluster:
                     return await self._reserve_cluster(
                         reservation_id,
@@ -346,24 +377,19 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
                         rules.priority(channel) if rules.version else 0,
                         backorder,
                     )
-                keys = self._spec_keys(self.keys.index(reservation_id), specs)
-                home = self.keys.bucket(reservation_id)
-                req = _reserve_req_json(
-                    reservation_id,
-                    channel,
-                    hold * 1000,
-                    fp,
-                    home,
-                    rules.version,
-                    customer_id,
-                    specs,
-                    rd=rd,
-                    pp=rules.priority(channel) if rules.version else 0,
-                    backorder=backorder,
-                )
-                out = decode(await self._call("reserve", keys, (cfg, req)))
+                index_key, home = self.keys.index_and_home(reservation_id)
+                req = f'{{"id":"{reservation_id}",{prep.req_mid}{home:d}{prep.req_tail}'
+                raw = await self._call("reserve", [index_key, *prep.keys], (cfg, req))
+                # the calls of a batch are mostly answered alike (same second, status,
+                # rules version), and decoding is a pure function of the reply
+                if raw.__class__ is bytes and raw == self._last_reply[0]:
+                    out = self._last_reply[1]
+                else:
+                    out = decode(raw)
+                    if raw.__class__ is bytes and not out["replay"]:
+                        self._last_reply = (raw, out)
             except RulesStale:
-                await self._rules_caught_up(parts)
+                await self._rules_caught_up(prep.parts)
                 continue
             except NoRoute:
                 # the rules no longer route a line of it: a retry of a reservation made
@@ -374,8 +400,76 @@ class ATP(ClusterMixin, ReconcileMixin, SupplyMixin, ReplenishmentMixin):
                 return prior
             if out["replay"]:
                 return _original(_reservation(out), hold)
-            return _fresh(reservation_id, channel, specs, out, customer_id)
+            return _fresh(reservation_id, channel, specs, out, customer_id, prep.lines)
         raise RulesStale("the allocation rules kept changing; try again")
+
+    def _prepare(
+        self,
+        channel: str,
+        hold: int,
+        lines: list[tuple[str, str | None, int]],
+        customer_id: str | None,
+        region: str | None,
+        allow_split: bool | None,
+        rd: int | None,
+        backorder: bool,
+    ) -> _Prepared:
+        """The rules-independent part of a checked reserve request: its lines by bucket,
+        its fingerprint and the lines a fresh reservation of it has (unless routed)."""
+        parts: dict[int, list[tuple[str, str | None, int]]] = {}
+        for sku, loc, qty in lines:
+            parts.setdefault(self.keys.bucket(sku), []).append((sku, loc, qty))
+        # The hot path: the JSON argument and the fingerprint are written directly, not
+        # through json. That is exact because every string in them has passed the checks
+        # in reserve (IDENT_RE, CHANNEL_RE, RESERVATION_ID_RE, CUSTOMER_RE, REGION_RE: ASCII,
+        # no quote, backslash or control character, so nothing JSON escapes) and every
+        # number is a checked int; the text is byte-for-byte what _dumps gives
+        # (tests/test_reserve_wire.py).
+        all_lines = sorted(
+            (sku, loc or "", qty) for plines in parts.values() for sku, loc, qty in plines
+        )
+        fp = _fingerprint_text(
+            _reserve_fp_json(
+                channel, hold, all_lines, customer_id, region, allow_split, rd, backorder
+            )
+        )
+        taken = tuple(
+            [ReservationLine(sku, loc, qty) for pl in parts.values() for sku, loc, qty in pl]  # type: ignore[arg-type]
+        )
+        return _Prepared(fp, parts, rd, backorder, taken)
+
+    def _resolve(
+        self,
+        prep: _Prepared,
+        rules: Rules,
+        channel: str,
+        hold: int,
+        customer_id: str | None,
+        region: str | None,
+        allow_split: bool | None,
+    ) -> None:
+        """Resolve a prepared request under ``rules``: each line's spec (candidates,
+        protections, cap, buyer limit), the script's KEYS after the index key, and its
+        JSON argument around the id and home bucket. Raises NoRoute as _line_spec does
+        (and then keeps nothing)."""
+        specs = {
+            b: [self._line_spec(rules, channel, region, allow_split, ln) for ln in pl]
+            for b, pl in prep.parts.items()
+        }
+        keys = tuple(self._spec_keys(None, specs))
+        mid, tail = _reserve_req_around(
+            channel,
+            hold * 1000,
+            prep.fp,
+            rules.version,
+            customer_id,
+            specs,
+            rd=prep.rd,
+            pp=rules.priority(channel) if rules.version else 0,
+            backorder=prep.backorder,
+        )
+        prep.specs, prep.keys, prep.req_mid, prep.req_tail = specs, keys, mid, tail
+        prep.rules = rules
 
     async def _prior(self, rid: str, fp: str, hold: int) -> Reservation | None:
         """The original outcome of a reserve request already taken with this id, or None

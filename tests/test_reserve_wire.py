@@ -303,3 +303,85 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rule
         assert name == "reserve"
         assert keys == want_keys
         assert args == (core._cfg("me", ""), _dumps(req))
+
+
+async def _sent(core: ATP, *args: Any, **kwargs: Any) -> tuple[str, list[str], tuple[Any, ...]]:
+    """The (script, KEYS, ARGV) ``core.reserve`` sends for a request, not sent."""
+    seen: list[tuple[str, list[str], tuple[Any, ...]]] = []
+
+    class Stop(Exception):
+        pass
+
+    async def grab(name: str, keys: Any, argv: Any) -> Any:
+        seen.append((name, list(keys), tuple(argv)))
+        raise Stop
+
+    real = core._call
+    core._call = grab  # type: ignore[method-assign, assignment]
+    try:
+        with pytest.raises(Stop):
+            await core.reserve(*args, **kwargs)
+    finally:
+        core._call = real  # type: ignore[method-assign]
+    [call] = seen
+    return call
+
+
+async def test_a_request_made_again_under_other_rules_is_resolved_again(fake_atp: ATP) -> None:
+    """reserve works a request out once and reuses it (everything but the id); when the
+    rules in force change (here, from another process) the same request is resolved under
+    the new ones: what is sent is what a process that never saw the request sends."""
+    core = fake_atp
+    await core.set_position("SKU-0", "DC-1.a_b", 100)
+    await core.set_position("SKU-0", "DC-2", 100)
+
+    def fresh() -> ATP:  # nothing remembered, the rules core has now
+        other = ATP(core.redis, core.settings)
+        other._rules = core._rules
+        return other
+
+    request: Any = ("web-eu", [("SKU-0", "DC-1.a_b", 2)])
+    before = await core.reserve("w-0", *request, hold_seconds=0)
+    assert before.rules_version == 0
+    versions = []
+    for i, doc in enumerate([RULES, {**RULES, "default": {"cap": {"web-eu": 7}}}, RULES]):
+        versions.append((await ATP(core.redis, core.settings).apply_rules(doc)).version)
+        got = await core.reserve(f"w-{i + 1}", *request, hold_seconds=0)  # stale, then caught up
+        assert got.rules_version == versions[-1]
+        assert got.lines == before.lines and not got.replayed
+        sent = await _sent(core, f"x-{i}", *request, hold_seconds=0)
+        assert sent == await _sent(fresh(), f"x-{i}", *request, hold_seconds=0)
+        assert f'"rv":{versions[-1]},' in sent[2][1]
+    assert len(set(versions)) == 3
+    # and the request without a location is routed under the rules in force
+    routed: Any = ("web-eu", [("SKU-0", None, 2)])
+    sent = await _sent(core, "y-0", *routed, region="EU")
+    assert sent == await _sent(fresh(), "y-0", *routed, region="EU")
+
+
+async def test_replies_alike_are_decoded_alike(fake_atp: ATP) -> None:
+    """reserve reuses the decoding of a reply byte-for-byte like the last fresh one (the
+    calls of a batch are mostly answered alike); any other reply is decoded afresh."""
+    from atp import InsufficientStock
+
+    confirmed = b'{"ok":1,"replay":0,"st":"confirmed","cr":1795757651826,"ex":0,"rv":0}'
+    held = b'{"ok":1,"replay":0,"st":"held","cr":1795757651826,"ex":1795757711826,"rv":0}'
+    short = b'{"err":"insufficient","detail":"short","lines":[]}'
+    replies = [confirmed, confirmed, held, short, short, confirmed, held]
+
+    async def answer(name: str, keys: Any, argv: Any) -> Any:
+        return replies.pop(0)
+
+    fake_atp._call = answer  # type: ignore[method-assign, assignment]
+    got: list[Any] = []
+    for i in range(7):
+        try:
+            r = await fake_atp.reserve(f"r{i}", "web", [("A", "W", 1)], hold_seconds=0)
+            got.append((r.id, r.status, r.expires_at is not None))
+        except InsufficientStock as e:
+            got.append(("short", e.detail))
+    assert got == [
+        ("r0", "confirmed", False), ("r1", "confirmed", False), ("r2", "held", True),
+        ("short", "short"), ("short", "short"), ("r5", "confirmed", False),
+        ("r6", "held", True),
+    ]  # fmt: skip
