@@ -44,6 +44,13 @@ local function jval(v)
   return cjson.encode(v)
 end
 
+-- The location of a line's candidate `ci` (a routed line names several; else its one).
+local function loc_at(l, ci)
+  local ls = l.locs
+  if ls then return ls[ci] end
+  return l.loc
+end
+
 local function reserve_ctx()
   return { rv = {}, reclaimed = {}, stats = {}, trim = {} }
 end
@@ -238,14 +245,13 @@ local function reserve_one(cfg, req, keys, ctx)
   for pi, p in ipairs(req.parts) do
     local e = pk[pi]
     for li, l in ipairs(p.lines) do
-      local locs = l.locs or { l.loc }
       for ci, lk in ipairs(e.cands[li]) do
         if not ctx.reclaimed[lk.hx] then
-          local units, looked = reclaim_expired(cfg, lk, e, l.sku, locs[ci], now, cfg.reclaim)
+          local units, looked = reclaim_expired(cfg, lk, e, l.sku, loc_at(l, ci), now, cfg.reclaim)
           -- units lapsed holds give back go first to the backorders waiting for them
           if units > 0 then
             fill_backorders(cfg, lk, e, now)
-            replen_check(cfg, lk.pos, e.rp, e.events, l.sku, locs[ci], now)
+            replen_check(cfg, lk.pos, e.rp, e.events, l.sku, loc_at(l, ci), now)
           end
           if looked < cfg.reclaim then ctx.reclaimed[lk.hx] = true end
         end
@@ -282,9 +288,10 @@ local function reserve_one(cfg, req, keys, ctx)
     plan[pi] = {}
     poss[pi] = {}
     for li, l in ipairs(p.lines) do
-      local locs = l.locs or { l.loc }
+      local ncand = #pk[pi].cands[li]
       local avail, raw_ok, any, queued = {}, false, false, false
-      local sched = nil  -- the first candidate's schedule and deductions (promise day)
+      -- the first candidate's schedule, for the promise day of a refusal
+      local s_lk, s_pos, s_base, s_pts, s_need = nil, nil, nil, nil, nil
       poss[pi][li] = {}
       for ci, lk in ipairs(pk[pi].cands[li]) do
         local pos = read_pos_r(lk.pos, ch_field, ctx.hday)
@@ -309,7 +316,7 @@ local function reserve_one(cfg, req, keys, ctx)
           if slack - pos.safety_stock >= l.qty then raw_ok = true end
           if ahead > 0 and slack - pos.safety_stock - prot >= l.qty then queued = true end
           if ci == 1 then
-            sched = { lk = lk, pos = pos, base = base, pts = pts, need = need }
+            s_lk, s_pos, s_base, s_pts, s_need = lk, pos, base, pts, need
           end
         else
           avail[ci] = 0
@@ -319,17 +326,17 @@ local function reserve_one(cfg, req, keys, ctx)
         unknown[#unknown + 1] = { sku = l.sku, location = l.loc }
       else
         local take = nil
-        for ci = 1, #locs do
+        for ci = 1, ncand do
           if avail[ci] >= l.qty then take = { { ci, l.qty } }; break end
         end
         local best = 0
-        for ci = 1, #locs do
+        for ci = 1, ncand do
           if l.split then best = best + avail[ci] elseif avail[ci] > best then best = avail[ci] end
         end
         if not take and l.split and best >= l.qty then
           take = {}
           local rest = l.qty
-          for ci = 1, #locs do
+          for ci = 1, ncand do
             if rest == 0 then break end
             local q = math.min(rest, avail[ci])
             if q > 0 then take[#take + 1] = { ci, q }; rest = rest - q end
@@ -350,10 +357,10 @@ local function reserve_one(cfg, req, keys, ctx)
           if l.locs then loc = cjson.null end
           local sl = { sku = l.sku, location = loc, requested = l.qty, available = av, limited_by = limited }
           -- when could it be had? (a located line, not held back by its cap)
-          if not l.locs and limited ~= 'cap' and sched and sched.pos.inbound > 0 then
-            local base, pts = sched.base, sched.pts
-            if not pts then base, pts = phased_points(sched.lk.sch, sched.pos, today) end
-            sl.promise_day = promise_day(base, pts, today, sched.need)
+          if not l.locs and limited ~= 'cap' and s_pos and s_pos.inbound > 0 then
+            local base, pts = s_base, s_pts
+            if not pts then base, pts = phased_points(s_lk.sch, s_pos, today) end
+            sl.promise_day = promise_day(base, pts, today, s_need)
           end
           short[#short + 1] = sl
         end
@@ -421,10 +428,9 @@ local function reserve_one(cfg, req, keys, ctx)
     local e = pk[pi]
     local ls, lj, units = {}, {}, 0
     for li, l in ipairs(p.lines) do
-      local locs = l.locs or { l.loc }
       for _, t in ipairs(plan[pi][li]) do
         local ci, q = t[1], t[2]
-        local lk, loc, pos = e.cands[li][ci], locs[ci], poss[pi][li][ci]
+        local lk, loc, pos = e.cands[li][ci], loc_at(l, ci), poss[pi][li][ci]
         units = units + q
         local before, after = commit_reserve(lk, pos, q, ch_field, req.cu, req.rd, ctx)
         log_move(cfg, lk.log, 'reserve', { reason = st, rid = req.id, channel = req.ch,
@@ -447,12 +453,11 @@ local function reserve_one(cfg, req, keys, ctx)
     -- the event carries the part as stored (status, expiry, lines, rules version)
     emit(cfg, e.events, 'reserved', req.id, req.ch, now_s, rec_json, ctx.trim)
     for li, l in ipairs(p.lines) do
-      local locs = l.locs or { l.loc }
       for _, t in ipairs(plan[pi][li]) do
         local pos = poss[pi][li][t[1]]
         if pos.rop then
           -- replen_check, from the figures just written
-          if replen_apply(cfg, e.cands[li][t[1]].pos, e.rp, e.events, l.sku, locs[t[1]], now,
+          if replen_apply(cfg, e.cands[li][t[1]].pos, e.rp, e.events, l.sku, loc_at(l, t[1]), now,
               pos.rop, pos.out or pos.rop, pos.rs, pos.on_hand, pos.committed, pos.inbound,
               pos.bo) then
             pos.rs = not pos.rs
