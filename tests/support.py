@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from atp import ATP
+
+Call = tuple[str, Sequence[str], Sequence[Any]]
 
 
 def _s(v: Any) -> str:
@@ -36,3 +41,26 @@ async def snapshot(core: ATP) -> dict[str, Any]:
             value = kind
         out[key] = (kind, value)
     return out
+
+
+class _Captured(Exception):
+    pass
+
+
+async def captured(core: ATP, *args: Any, **kwargs: Any) -> Call:
+    """The (script, KEYS, ARGV) ``core.reserve(*args, **kwargs)`` would send, unsent."""
+    seen: list[Call] = []
+
+    async def grab(name: str, keys: Sequence[str], argv: Sequence[Any]) -> Any:
+        seen.append((name, list(keys), tuple(argv)))
+        raise _Captured
+
+    real = core._call
+    core._call = grab  # type: ignore[method-assign, assignment]
+    try:
+        with pytest.raises(_Captured):
+            await core.reserve(*args, **kwargs)
+    finally:
+        core._call = real  # type: ignore[method-assign]
+    [call] = seen
+    return call

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import captured
 
 from atp import ATP, Line
 from atp._wire import _dumps, _reserve_fp_json, _reserve_req_json, _Spec
@@ -305,28 +306,6 @@ async def test_reserve_sends_what_json_would(fake_atp: ATP, hold: int, with_rule
         assert args == (core._cfg("me", ""), _dumps(req))
 
 
-async def _sent(core: ATP, *args: Any, **kwargs: Any) -> tuple[str, list[str], tuple[Any, ...]]:
-    """The (script, KEYS, ARGV) ``core.reserve`` sends for a request, not sent."""
-    seen: list[tuple[str, list[str], tuple[Any, ...]]] = []
-
-    class Stop(Exception):
-        pass
-
-    async def grab(name: str, keys: Any, argv: Any) -> Any:
-        seen.append((name, list(keys), tuple(argv)))
-        raise Stop
-
-    real = core._call
-    core._call = grab  # type: ignore[method-assign, assignment]
-    try:
-        with pytest.raises(Stop):
-            await core.reserve(*args, **kwargs)
-    finally:
-        core._call = real  # type: ignore[method-assign]
-    [call] = seen
-    return call
-
-
 async def test_a_request_made_again_under_other_rules_is_resolved_again(fake_atp: ATP) -> None:
     """reserve works a request out once and reuses it (everything but the id); when the
     rules in force change (here, from another process) the same request is resolved under
@@ -349,14 +328,14 @@ async def test_a_request_made_again_under_other_rules_is_resolved_again(fake_atp
         got = await core.reserve(f"w-{i + 1}", *request, hold_seconds=0)  # stale, then caught up
         assert got.rules_version == versions[-1]
         assert got.lines == before.lines and not got.replayed
-        sent = await _sent(core, f"x-{i}", *request, hold_seconds=0)
-        assert sent == await _sent(fresh(), f"x-{i}", *request, hold_seconds=0)
+        sent = await captured(core, f"x-{i}", *request, hold_seconds=0)
+        assert sent == await captured(fresh(), f"x-{i}", *request, hold_seconds=0)
         assert f'"rv":{versions[-1]},' in sent[2][1]
     assert len(set(versions)) == 3
     # and the request without a location is routed under the rules in force
     routed: Any = ("web-eu", [("SKU-0", None, 2)])
-    sent = await _sent(core, "y-0", *routed, region="EU")
-    assert sent == await _sent(fresh(), "y-0", *routed, region="EU")
+    sent = await captured(core, "y-0", *routed, region="EU")
+    assert sent == await captured(fresh(), "y-0", *routed, region="EU")
 
 
 async def test_replies_alike_are_decoded_alike(fake_atp: ATP) -> None:

@@ -15,40 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
 from typing import Any
 
-import pytest
+from support import Call, captured
 
 from atp import ATP, InsufficientStock
 from atp.errors import BackendError
 from atp.scripts import AutoPipeline
 from atp.verify import verify
-
-Call = tuple[str, Sequence[str], Sequence[Any]]
-
-
-class _Captured(Exception):
-    pass
-
-
-async def captured(core: ATP, *args: Any, **kwargs: Any) -> Call:
-    """The (script, KEYS, ARGV) ``core.reserve(*args, **kwargs)`` would send, unsent."""
-    seen: list[Call] = []
-
-    async def grab(name: str, keys: Sequence[str], argv: Sequence[Any]) -> Any:
-        seen.append((name, list(keys), tuple(argv)))
-        raise _Captured
-
-    real = core._call
-    core._call = grab  # type: ignore[method-assign]
-    try:
-        with pytest.raises(_Captured):
-            await core.reserve(*args, **kwargs)
-    finally:
-        core._call = real  # type: ignore[method-assign]
-    [call] = seen
-    return call
 
 
 def spy_wire(pipe: AutoPipeline) -> list[list[str]]:

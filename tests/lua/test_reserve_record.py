@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from test_reserve_many import captured
+from support import captured
 from test_scripts import distinct_bucket_skus
 
 from atp import ATP
