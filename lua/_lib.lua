@@ -4,6 +4,10 @@
 -- {"err":"<code>","detail":"..."} is an expected refusal decoded into a typed error.
 -- A script validates everything before its first write (I7).
 
+-- The globals every script uses, as locals (upvalues): a global is a table lookup each time.
+local redis, string, table, math, cjson = redis, string, table, math, cjson
+local tonumber, tostring, type, ipairs, pairs, next = tonumber, tostring, type, ipairs, pairs, next
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
