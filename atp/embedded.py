@@ -188,8 +188,12 @@ class EmbeddedServer:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = None
-        if self.preload:
-            env = {**os.environ, "LD_PRELOAD": self.preload}
+        if self.preload:  # ahead of any the caller has set, for the server process only
+            before = os.environ.get("LD_PRELOAD")
+            env = {
+                **os.environ,
+                "LD_PRELOAD": f"{self.preload} {before}" if before else self.preload,
+            }
         self.proc = subprocess.Popen(
             self._args(),
             env=env,

@@ -148,11 +148,12 @@ class ScriptRunner:
         """EVALSHA; on NOSCRIPT load the script and try once more."""
         sha = self.shas[name]
         try:
-            return await client.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.sources[name])
-            return await client.evalsha(sha, len(keys), *keys, *args)
-        except ResponseError as e:
+            try:
+                return await client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.script_load(self.sources[name])
+                return await client.evalsha(sha, len(keys), *keys, *args)
+        except ResponseError as e:  # the retry's error too
             raise BackendError(f"script {name} failed: {e}") from e
 
     async def call_many(

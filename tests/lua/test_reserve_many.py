@@ -17,7 +17,9 @@ import json
 import random
 from typing import Any
 
+import pytest
 from support import Call, captured
+from test_scripts import distinct_bucket_skus
 
 from atp import ATP, InsufficientStock
 from atp.errors import BackendError
@@ -212,3 +214,25 @@ async def test_streams_stay_bounded_when_trimmed_once_per_batch(atp: ATP, settin
     # 385 entries were written to each; '~' keeps whole nodes of 100, plus one batch
     assert 100 <= log <= 100 + 100 + 64, log
     assert 100 <= events <= 100 + 100 + 64, events
+
+
+async def test_bucket_totals_kept_when_a_lone_reserve_fails_midway(core: ATP) -> None:
+    """A runtime error in a lone reserve.lua (a damaged key) leaves what it wrote before it,
+    as any script does; the bucket totals of what it wrote are written too (they are
+    deferred to the end of the call), so they still match the positions."""
+    await core.redis.flushdb()
+    a, b = distinct_bucket_skus(core, 2)
+    await core.set_position(a, "W1", 10, reason="init")
+    await core.set_position(b, "W1", 10, reason="init")
+    qty = {a: 2, b: 3}
+    lines = [(sku, "W1", n) for sku, n in qty.items()]
+    name, keys, argv = await captured(core, "m", "web", lines, hold_seconds=0)
+    first, second = [p["lines"][0]["sku"] for p in json.loads(argv[1])["parts"]]
+    # the second part's live index is damaged: its ZADD fails after the first part is written
+    await core.redis.set(core.keys.position(second, "W1").lx, "damaged")
+    with pytest.raises(BackendError, match="WRONGTYPE"):
+        await core.scripts.call(core.redis, name, keys, argv)
+    pos = await core.position(first, "W1")
+    assert pos is not None and pos.committed == qty[first]
+    bucket = core.keys.bucket_keys(core.keys.bucket(first))
+    assert int(await core.redis.hget(bucket.stats, "committed")) == qty[first]
