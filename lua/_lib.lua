@@ -41,12 +41,17 @@ end
 -- `inbound`: open expected receipts (units); `dated`: the part of `committed` held by
 -- reservations with a requested date (both kept with their schedule in the `sch` hash);
 -- `bo`: units of backorders waiting in the position's queue (`bq`).
-local function read_pos(key)
-  local v = redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock', 'inbound', 'dated', 'bo')
+-- pos_of: that table from the values of an HMGET whose first fields are on_hand,
+-- committed, safety_stock, inbound, dated, bo (in that order; nil when no on_hand).
+local function pos_of(v)
   if not v[1] then return nil end
   return { on_hand = tonumber(v[1]), committed = tonumber(v[2] or '0'),
            safety_stock = tonumber(v[3] or '0'), inbound = tonumber(v[4] or '0'),
            dated = tonumber(v[5] or '0'), bo = tonumber(v[6] or '0') }
+end
+
+local function read_pos(key)
+  return pos_of(redis.call('HMGET', key, 'on_hand', 'committed', 'safety_stock', 'inbound', 'dated', 'bo'))
 end
 
 -- The rules version a part's bucket enforces (set by rules_apply / rules_bump in the
@@ -72,42 +77,19 @@ local function pos_reply(key)
   return p
 end
 
--- Streams are kept to their length (cfg.log_max, cfg.ev_max) approximately, at each XADD;
--- or, when `trim` is given (a table), once for the whole script call: the XADD leaves the
--- stream as it is and notes it in `trim`, and the caller runs trim_streams(trim) before it
--- returns (reserve does, to pay for one trim per batch instead of one per reservation).
-local function trim_streams(trim)
-  for key, max in pairs(trim) do redis.call('XTRIM', key, 'MAXLEN', '~', max) end
-end
-
 -- Append one movement (a change of on_hand or committed) to a position's log (I5).
 -- The figures may be numbers or their text (reserve passes text it has at hand).
-local function log_move(cfg, log_key, kind, m, trim)
-  local reason, actor, source = str(m.reason), str(cfg.actor), str(cfg.source)
-  local ref, rid, channel = str(m.ref), str(m.rid), str(m.channel)
-  if trim then
-    trim[log_key] = cfg.log_max
-    redis.call('XADD', log_key, '*', 'kind', kind, 'reason', reason, 'actor', actor,
-      'source', source, 'ref', ref, 'rid', rid, 'channel', channel,
-      'on_hand_before', m.ohb, 'on_hand_after', m.oha,
-      'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
-  else
-    redis.call('XADD', log_key, 'MAXLEN', '~', cfg.log_max, '*', 'kind', kind, 'reason', reason,
-      'actor', actor, 'source', source, 'ref', ref, 'rid', rid, 'channel', channel,
-      'on_hand_before', m.ohb, 'on_hand_after', m.oha,
-      'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
-  end
+local function log_move(cfg, log_key, kind, m)
+  redis.call('XADD', log_key, 'MAXLEN', '~', cfg.log_max, '*',
+    'kind', kind, 'reason', str(m.reason), 'actor', str(cfg.actor), 'source', str(cfg.source),
+    'ref', str(m.ref), 'rid', str(m.rid), 'channel', str(m.channel),
+    'on_hand_before', m.ohb, 'on_hand_after', m.oha,
+    'committed_before', m.cmb, 'committed_after', m.cma, 'at', m.at)
 end
 
 -- Append one event to a bucket's outbox stream; `data` is a table, or JSON text already.
-local function emit(cfg, ev_key, etype, rid, channel, at, data, trim)
+local function emit(cfg, ev_key, etype, rid, channel, at, data)
   if type(data) ~= 'string' then data = cjson.encode(data) end
-  if trim then
-    trim[ev_key] = cfg.ev_max
-    redis.call('XADD', ev_key, '*', 'type', etype, 'rid', str(rid), 'channel', str(channel),
-      'at', at, 'actor', str(cfg.actor), 'data', data)
-    return
-  end
   redis.call('XADD', ev_key, 'MAXLEN', '~', cfg.ev_max, '*',
     'type', etype, 'rid', str(rid), 'channel', str(channel), 'at', at,
     'actor', str(cfg.actor), 'data', data)
@@ -194,6 +176,21 @@ end
 -- schedule: `dated` in the position and field `-<day>` in `sch` (time-phased ATP).
 -- A positive commitment (reserve: held or confirmed, made at `part.cr`) is also the
 -- position's demand of that day, `h:<day>` (gross: a later release does not take it back).
+-- What a commitment changes beside its position hash: the dated schedule's day (`rd`)
+-- and the SKU's totals per channel (`ch_field`) and per customer (`cu`), each field
+-- dropped when it comes back to zero.
+local function commit_beside(lk, ch_field, cu, rd, qty)
+  if rd then
+    local f = string.format('-%d', rd)
+    if redis.call('HINCRBY', lk.sch, f, qty) <= 0 then redis.call('HDEL', lk.sch, f) end
+  end
+  if redis.call('HINCRBY', lk.agg, ch_field, qty) == 0 then redis.call('HDEL', lk.agg, ch_field) end
+  if cu and cu ~= '' then
+    local f = 'cu:' .. cu
+    if redis.call('HINCRBY', lk.agg, f, qty) <= 0 then redis.call('HDEL', lk.agg, f) end
+  end
+end
+
 local function commit_units(lk, part, qty)
   if qty > 0 and part.cr then
     local day = math.floor(part.cr / DAY_MS)
@@ -203,17 +200,8 @@ local function commit_units(lk, part, qty)
   end
   local after = redis.call('HINCRBY', lk.pos, 'committed', qty)
   redis.call('HINCRBY', lk.pos, 'ch:' .. part.ch, qty)
-  if part.rd then
-    redis.call('HINCRBY', lk.pos, 'dated', qty)
-    local f = string.format('-%d', part.rd)
-    if redis.call('HINCRBY', lk.sch, f, qty) <= 0 then redis.call('HDEL', lk.sch, f) end
-  end
-  local c = redis.call('HINCRBY', lk.agg, 'ch:' .. part.ch, qty)
-  if c == 0 then redis.call('HDEL', lk.agg, 'ch:' .. part.ch) end
-  if part.cu and part.cu ~= '' then
-    local u = redis.call('HINCRBY', lk.agg, 'cu:' .. part.cu, qty)
-    if u <= 0 then redis.call('HDEL', lk.agg, 'cu:' .. part.cu) end
-  end
+  if part.rd then redis.call('HINCRBY', lk.pos, 'dated', qty) end
+  commit_beside(lk, 'ch:' .. part.ch, part.cu, part.rd, qty)
   return after
 end
 

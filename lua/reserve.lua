@@ -55,7 +55,7 @@ touched are reclaimed first: that reclaim is due anyway and happens before decid
 
 local ctx = reserve_ctx()
 -- what the reservation wrote before a runtime error stays (as for any script): so do its
--- bucket totals and trims, written by reserve_flush, before the error goes to the caller
+-- bucket totals, written by reserve_flush, before the error goes to the caller
 local ok, reply = pcall(reserve_one, cjson.decode(ARGV[1]), cjson.decode(ARGV[2]), KEYS, ctx)
 reserve_flush(ctx)
 if not ok then error(reply, 0) end

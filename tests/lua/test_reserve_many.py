@@ -193,9 +193,9 @@ async def test_reserve_many_survives_a_script_flush(atp: ATP) -> None:
     assert (await atp.position("HOT", "W1")).committed == 8
 
 
-async def test_streams_stay_bounded_when_trimmed_once_per_batch(atp: ATP, settings: Any) -> None:
-    """reserve_many trims the movement log and the outbox once per call, not per XADD:
-    they still stay near their lengths (approximate trimming: whole stream nodes)."""
+async def test_streams_stay_bounded_under_batched_reserves(atp: ATP, settings: Any) -> None:
+    """Reserves sent as reserve_many batches keep the movement log and the outbox near their
+    lengths (approximate trimming: whole stream nodes)."""
     small = ATP(atp.redis, settings.model_copy(update={"log_maxlen": 100, "events_maxlen": 100}))
     await small.start()
     await small.set_position("TRIM", "W1", 10_000, reason="init")

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from support import captured
+from support import captured, snapshot
 from test_scripts import distinct_bucket_skus
 
 from atp import ATP
@@ -103,3 +103,13 @@ async def test_dated_multi_part_record(core: ATP) -> None:
         assert rec["lines"] == [
             {"sku": sku, "loc": "W1", "qty": qty, "shipped": 0, "short": 0, "released": 0}
         ]
+
+
+@pytest.mark.parametrize("home", ["1", -1, 16384, 1.5, {"b": 1}])
+async def test_a_bad_home_bucket_is_refused_before_any_write(core: ATP, home: Any) -> None:
+    await core.redis.flushdb()
+    await core.set_position("S1", "W1", 50, reason="init")
+    before = await snapshot(core)
+    out, _, _ = await _raw_reserve(core, {"home": home}, "h1", "web", [("S1", "W1", 3)])
+    assert out["err"] == "bad_request" and "home" in out["detail"]
+    assert await snapshot(core) == before
